@@ -1,0 +1,15 @@
+r"""Study run BN-Clip: MobileNetV2 (ImageNet, torchvision V1) frozen but features.18 + bn head, clip=global_norm.
+
+  python -m normjax.main --config=configs/bn_clip.py --workdir=workdir/study/bn_clip
+
+Recipe (study.md section 1): CIFAR-10 (tfds, original) 80/20 split, 224x224, batch 64,
+Adam head 1e-3 / features.18 1e-5, 15 epochs, clip_by_global_norm 1.0.
+Expected: the study reports 90.71% final val accuracy (75.16% after epoch 1).
+Quick CPU check of the pipeline (offline, cifar10_jpeg, no weights):
+  python -m normjax.main --config=configs/bn_clip.py:quick --workdir=workdir/quick/bn_clip
+"""
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  return base.study('bn', 'global_norm', arg)

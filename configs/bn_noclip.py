@@ -1,0 +1,15 @@
+r"""Study run BN-NoClip: MobileNetV2 (ImageNet, torchvision V1) frozen but features.18 + bn head, clip=none.
+
+  python -m normjax.main --config=configs/bn_noclip.py --workdir=workdir/study/bn_noclip
+
+Recipe (study.md section 1): CIFAR-10 (tfds, original) 80/20 split, 224x224, batch 64,
+Adam head 1e-3 / features.18 1e-5, 15 epochs.
+Expected: the study reports 89.64% final val accuracy (73.73% after epoch 1).
+Quick CPU check of the pipeline (offline, cifar10_jpeg, no weights):
+  python -m normjax.main --config=configs/bn_noclip.py:quick --workdir=workdir/quick/bn_noclip
+"""
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  return base.study('bn', 'none', arg)

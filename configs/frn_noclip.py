@@ -1,0 +1,15 @@
+r"""Study run FRN-NoClip: MobileNetV2 (ImageNet, torchvision V1) frozen but features.18 + frn head, clip=none.
+
+  python -m normjax.main --config=configs/frn_noclip.py --workdir=workdir/study/frn_noclip
+
+Recipe (study.md section 1): CIFAR-10 (tfds, original) 80/20 split, 224x224, batch 64,
+Adam head 1e-3 / features.18 1e-5, 15 epochs.
+Expected: the study reports 90.57% final val accuracy (its best overall).
+Quick CPU check of the pipeline (offline, cifar10_jpeg, no weights):
+  python -m normjax.main --config=configs/frn_noclip.py:quick --workdir=workdir/quick/frn_noclip
+"""
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  return base.study('frn', 'none', arg)

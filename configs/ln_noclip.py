@@ -1,0 +1,15 @@
+r"""Study run LN-NoClip: MobileNetV2 (ImageNet, torchvision V1) frozen but features.18 + ln head, clip=none.
+
+  python -m normjax.main --config=configs/ln_noclip.py --workdir=workdir/study/ln_noclip
+
+Recipe (study.md section 1): CIFAR-10 (tfds, original) 80/20 split, 224x224, batch 64,
+Adam head 1e-3 / features.18 1e-5, 15 epochs.
+Expected: the study reports 90.22% final val accuracy.
+Quick CPU check of the pipeline (offline, cifar10_jpeg, no weights):
+  python -m normjax.main --config=configs/ln_noclip.py:quick --workdir=workdir/quick/ln_noclip
+"""
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  return base.study('ln', 'none', arg)

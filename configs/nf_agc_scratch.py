@@ -1,0 +1,16 @@
+r"""Normalizer-free MobileNetV2 (CIFAR variant) + AGC, from scratch on cifar10_jpeg.
+
+  python -m normjax.main --config=configs/nf_agc_scratch.py --workdir=workdir/nf_vs_bn/nf_agc_b128
+  python -m normjax.main --config=configs/nf_agc_scratch.py:batch=8 --workdir=workdir/nf_vs_bn/nf_agc_b8
+  python -m normjax.main --config=configs/nf_agc_scratch.py:cpu,batch=64,lambda=0.04 --workdir=...
+
+SGD+Nesterov, cosine LR, 30 epochs; AGC lambda follows the batch size
+(base.agc_lambda_for_batch) unless `lambda=` is given. Compare with
+configs/bn_scratch.py at the same arg.
+Expected: see README "NF+AGC vs BN" for the measured accuracies (JPEG CIFAR-10).
+"""
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  return base.scratch('nf_mobilenet_v2', 'agc', arg)

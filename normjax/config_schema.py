@@ -1,0 +1,194 @@
+"""The allowed values of every config field, checked with errors that name the field.
+
+`configs/base.py` holds the values of the shared recipe; this module holds the
+rules. `tests/test_config_schema.py` asserts both name exactly the same fields.
+"""
+import importlib.util
+import pathlib
+from typing import Any, Callable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config field has an unknown name or a value outside its allowed set."""
+
+
+def _choice(*allowed: str) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v in allowed), 'one of: ' + ', '.join(allowed)
+
+
+def _positive_int() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0), 'an integer > 0'
+
+
+def _non_negative_int() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0), 'an integer >= 0'
+
+
+def _positive_float() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0), 'a number > 0'
+
+
+def _non_negative_float() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0), 'a number >= 0'
+
+
+def _fraction() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, (int, float)) and 0 <= v < 1), 'a number in [0, 1)'
+
+
+def _bool() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, bool)), 'True or False'
+
+
+def _str() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, str)), 'a string'
+
+
+def _int() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, int) and not isinstance(v, bool)), 'an integer'
+
+
+def _trainable_blocks() -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: isinstance(v, int) and v >= -1), '-1 (all), 0 (none) or k > 0 (the last k blocks)'
+
+
+def _pretrained() -> tuple[Callable[[Any], bool], str]:
+  return ((lambda v: isinstance(v, str) and v != ''),
+          'none, torchvision_v1, torchvision_v2 or a path to a ported checkpoint or .pth file')
+
+
+DATASETS = ('cifar10', 'cifar10_jpeg', 'fashion_mnist', 'fashion_mnist_idx')
+MODELS = ('lightcnn', 'mobilenet_v2', 'nf_mobilenet_v2')
+
+SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    'seed': _int(),
+    'data.name': _choice(*DATASETS),
+    'data.tfds_dir': _str(),
+    'data.source': _str(),
+    'data.image_size': _positive_int(),
+    'data.val_fraction': _fraction(),
+    'data.train_subset': _non_negative_int(),
+    'data.augment': _bool(),
+    'data.crop_padding': _non_negative_int(),
+    'model.name': _choice(*MODELS),
+    'model.width_mult': _positive_float(),
+    'model.cifar_stem': _bool(),
+    'model.norm': _choice('bn', 'gn', 'frn', 'none'),
+    'model.head': _choice('mlp', 'linear'),
+    'model.head_norm': _choice('bn', 'ln', 'frn', 'gn', 'none'),
+    'model.head_hidden': _positive_int(),
+    'model.dropout': _fraction(),
+    'model.frn_learned_eps': _bool(),
+    'model.gn_groups': _positive_int(),
+    'model.pretrained': _pretrained(),
+    'model.dtype': _choice('float32', 'bfloat16'),
+    'optim.name': _choice('adam', 'sgd'),
+    'optim.lr': _positive_float(),
+    'optim.backbone_lr': _non_negative_float(),
+    'optim.trainable_blocks': _trainable_blocks(),
+    'optim.momentum': _fraction(),
+    'optim.nesterov': _bool(),
+    'optim.weight_decay': _non_negative_float(),
+    'optim.schedule': _choice('constant', 'cosine'),
+    'optim.warmup_epochs': _non_negative_float(),
+    'optim.clip': _choice('none', 'global_norm', 'agc'),
+    'optim.clip_norm': _positive_float(),
+    'optim.agc_lambda': _positive_float(),
+    'optim.agc_eps': _positive_float(),
+    'train.batch_size': _positive_int(),
+    'train.eval_batch_size': _positive_int(),
+    'train.num_epochs': _positive_int(),
+    'train.max_steps': _non_negative_int(),
+    'train.log_every_steps': _positive_int(),
+    'train.checkpoint_every_steps': _positive_int(),
+    'train.keep_checkpoints': _positive_int(),
+    'train.on_nonfinite': _choice('stop', 'skip'),
+    'train.monitor_every_steps': _non_negative_int(),
+    'train.overwrite': _bool(),
+}
+
+# Fields that may change when a run resumes: they do not change what is computed.
+RESUMABLE_CHANGES = frozenset({
+    'data.tfds_dir', 'data.source', 'train.num_epochs', 'train.max_steps',
+    'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
+    'train.overwrite', 'train.eval_batch_size',
+})
+
+
+def flatten(config: ml_collections.ConfigDict | dict, prefix: str = '') -> dict[str, Any]:
+  """{'data.name': 'cifar10_jpeg', ...} for a nested config."""
+  out = {}
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(flatten(value, path + '.'))
+    else:
+      out[path] = value
+  return out
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError naming the first unknown field or disallowed value."""
+  flat = flatten(config)
+  for path in flat:
+    if path not in SCHEMA:
+      section = path.rsplit('.', 1)[0] if '.' in path else ''
+      siblings = sorted(p for p in SCHEMA if p.rsplit('.', 1)[0] == section) if section else sorted(
+          p for p in SCHEMA if '.' not in p)
+      raise ConfigError(f'config.{path}: unknown field; allowed fields here: {", ".join(siblings)}')
+  for path, (ok, allowed) in SCHEMA.items():
+    if path not in flat:
+      raise ConfigError(f'config.{path}: missing field; expected {allowed}')
+    if not ok(flat[path]):
+      raise ConfigError(f'config.{path} = {flat[path]!r} is not allowed; expected {allowed}')
+  return config
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Imports a configs/*.py file and returns its validated `get_config()`.
+
+  `spec` is a path, optionally with `:arg` as for `--config` (e.g. `configs/frn_noclip.py:quick`).
+  """
+  path, _, arg = spec.partition(':')
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f'--config: no such config file {path!r}')
+  module_spec = importlib.util.spec_from_file_location(f'normjax_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return validate(module.get_config(arg) if arg else module.get_config())
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> ml_collections.ConfigDict:
+  """Applies 'train.max_steps=20'-style overrides, parsed to the field's current type."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  flat = flatten(config)
+  for item in overrides:
+    if '=' not in item:
+      raise ConfigError(f'override {item!r}: expected FIELD=VALUE, e.g. train.max_steps=20')
+    path, raw = item.split('=', 1)
+    path = path.strip().removeprefix('config.')
+    if path not in flat:
+      raise ConfigError(f'config.{path}: unknown field; allowed: {", ".join(sorted(SCHEMA))}')
+    current = flat[path]
+    try:
+      if isinstance(current, bool):
+        if raw.lower() not in ('true', 'false', '1', '0'):
+          raise ValueError(raw)
+        value = raw.lower() in ('true', '1')
+      elif isinstance(current, int):
+        value = int(raw)
+      elif isinstance(current, float):
+        value = float(raw)
+      else:
+        value = raw
+    except ValueError as e:
+      raise ConfigError(f'config.{path} = {raw!r}: expected a {type(current).__name__}') from e
+    *parents, leaf = path.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return validate(config)

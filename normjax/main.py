@@ -1,0 +1,73 @@
+r"""Entry point: `python -m normjax.main --config=configs/frn_noclip.py --workdir=workdir/frn_noclip`.
+
+Any field can be overridden with `--config.<field>=<value>`, e.g.
+`--config.train.batch_size=32`. Rerunning with the same workdir resumes.
+Multi-host: jax.distributed is initialized from the environment (TPU pods,
+SLURM, Open MPI) or from --coordinator_address/--num_processes/--process_id.
+"""
+import logging as logging_std
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from normjax import config_schema, parallel, train
+from normjax.data.pipeline import DatasetUnavailableError
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics.jsonl, summary.json.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'jax.distributed coordinator host:port.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'jax.distributed: number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'jax.distributed: this process index.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+# Errors a user can fix from the command line: one line, no traceback.
+USER_ERRORS = (config_schema.ConfigError, DatasetUnavailableError, train.CheckpointError,
+               train.NonFiniteError)
+
+
+def _fail(message: str) -> None:
+  print(f'normjax: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, with unknown --config.<field> overrides reported by name instead of a traceback."""
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      path = arg[len('--config.'):].split('=', 1)[0]
+      if path not in config_schema.SCHEMA:
+        section = path.rsplit('.', 1)[0]
+        known = sorted(p for p in config_schema.SCHEMA if p.startswith(section + '.')) or sorted(config_schema.SCHEMA)
+        _fail(f'config.{path}: unknown field; allowed: {", ".join(known)}')
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still pass)."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except USER_ERRORS as e:
+    _fail(str(e))
+  except train.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(128 + e.signum)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

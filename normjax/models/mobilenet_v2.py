@@ -1,0 +1,187 @@
+"""MobileNetV2 in Flax, laid out like torchvision's `mobilenet_v2` so its weights port 1:1.
+
+Module names mirror torchvision's state_dict keys with '.' -> '_' on sequential
+indices: `features.0.0.weight` is params['features_0']['0']['kernel'],
+`features.2.conv.1.1.running_var` is batch_stats['features_2']['conv_1']['1']['var'].
+Convs use explicit symmetric padding (k-1)//2 like torch; 'SAME' would pad
+stride-2 convs asymmetrically and break ported weights.
+"""
+import functools
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from normjax.models.classifier import Classifier
+from normjax.models.depthwise import DepthwiseConv
+from normjax.models.heads import LinearHead
+from normjax.models.norms import make_norm
+
+ModuleDef = Callable[..., nn.Module]
+
+# torchvision/models/mobilenetv2.py: inverted_residual_setting (t, c, n, s).
+INVERTED_RESIDUAL_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_CHANNELS = 32  # torchvision: input_channel = 32
+LAST_CHANNELS = 1280  # torchvision: last_channel = 1280
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
+  """torchvision's `_make_divisible`: round to a multiple of `divisor`, never below 90% of `v`."""
+  if min_value is None:
+    min_value = divisor
+  new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+  if new_v < 0.9 * v:  # torchvision: make sure rounding down does not go down by more than 10%
+    new_v += divisor
+  return new_v
+
+
+class BlockSpec(NamedTuple):
+  index: int          # torchvision `features.<index>`
+  in_channels: int
+  out_channels: int
+  stride: int
+  expand_ratio: int
+
+
+def stem_stride(cifar_stem: bool) -> int:
+  return 1 if cifar_stem else 2
+
+
+def block_specs(width_mult: float = 1.0, cifar_stem: bool = False) -> list[BlockSpec]:
+  """The inverted-residual blocks `features.1..17`.
+
+  cifar_stem keeps resolution early for 32x32 inputs, as common CIFAR MobileNetV2
+  variants do (kuangliu/pytorch-cifar): stem stride 1 and the first stride-2 stage
+  (c=24) at stride 1, so 32x32 inputs end at 4x4 instead of 1x1.
+  """
+  in_ch = make_divisible(STEM_CHANNELS * width_mult)
+  specs, index = [], 1
+  for stage, (t, c, n, s) in enumerate(INVERTED_RESIDUAL_SETTINGS):
+    out_ch = make_divisible(c * width_mult)
+    if cifar_stem and stage == 1:
+      s = 1
+    for i in range(n):
+      specs.append(BlockSpec(index, in_ch, out_ch, s if i == 0 else 1, t))
+      in_ch, index = out_ch, index + 1
+  return specs
+
+
+def last_channels(width_mult: float = 1.0) -> int:
+  """torchvision: the last conv widens only for width_mult > 1."""
+  return make_divisible(LAST_CHANNELS * max(1.0, width_mult))
+
+
+NUM_BLOCKS = 19  # torchvision features.0 .. features.18
+# torchvision: nn.init.kaiming_normal_(conv.weight, mode="fan_out") (untruncated normal).
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+class ConvNormAct(nn.Module):
+  """torchvision's Conv2dNormActivation with ReLU6: conv '0' (no bias), norm '1'."""
+  features: int
+  kernel_size: int
+  norm: ModuleDef
+  strides: int = 1
+  depthwise: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    pad = (self.kernel_size - 1) // 2  # torchvision: padding = (kernel_size - 1) // 2
+    if self.depthwise:
+      x = DepthwiseConv(self.features, self.kernel_size, self.strides, pad, dtype=self.dtype,
+                        kernel_init=conv_init, name='0')(x)
+    else:
+      x = nn.Conv(self.features, (self.kernel_size, self.kernel_size), self.strides,
+                  padding=((pad, pad), (pad, pad)), use_bias=False, dtype=self.dtype,
+                  kernel_init=conv_init, name='0')(x)
+    x = self.norm(name='1')(x)
+    return nn.relu6(x)
+
+
+class InvertedResidual(nn.Module):
+  """torchvision's InvertedResidual; submodule `conv_<m>` is torchvision's `conv.<m>`."""
+  spec: BlockSpec
+  norm: ModuleDef
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    s = self.spec
+    hidden = int(round(s.in_channels * s.expand_ratio))  # torchvision: hidden_dim
+    y, m = x, 0
+    if s.expand_ratio != 1:
+      y = ConvNormAct(hidden, 1, self.norm, dtype=self.dtype, name='conv_0')(y)
+      m = 1
+    y = ConvNormAct(hidden, 3, self.norm, strides=s.stride, depthwise=True, dtype=self.dtype,
+                    name=f'conv_{m}')(y)
+    y = nn.Conv(s.out_channels, (1, 1), use_bias=False, dtype=self.dtype, kernel_init=conv_init,
+                name=f'conv_{m + 1}')(y)
+    y = self.norm(name=f'conv_{m + 2}')(y)
+    if has_residual(s):
+      y = x + y
+    return y
+
+
+def has_residual(spec: BlockSpec) -> bool:
+  """torchvision: use_res_connect = stride == 1 and inp == oup."""
+  return spec.stride == 1 and spec.in_channels == spec.out_channels
+
+
+def first_trainable_block(trainable_blocks: int) -> int:
+  """Index of the first of `features_0..18` that trains (-1: all, 0: none, k: the last k)."""
+  if not -1 <= trainable_blocks <= NUM_BLOCKS:
+    raise ValueError(f'trainable_blocks must be -1 (all), 0 (none) or 1..{NUM_BLOCKS}, '
+                     f'got {trainable_blocks}')
+  return 0 if trainable_blocks == -1 else NUM_BLOCKS - trainable_blocks
+
+
+class MobileNetV2Features(nn.Module):
+  """torchvision's `MobileNetV2.features`: returns the NHWC map after features_18 (no pooling).
+
+  `norm(train=...)` must return a ModuleDef, e.g. functools.partial(make_norm, 'bn').
+  Blocks before the first trainable one run their norm with train=False and their
+  output is wrapped in stop_gradient, so they get zero gradients, keep their batch
+  statistics and cost no backward pass.
+  """
+  norm: Callable[..., ModuleDef]
+  width_mult: float = 1.0
+  cifar_stem: bool = False
+  trainable_blocks: int = -1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    first = first_trainable_block(self.trainable_blocks)
+    norm = lambda i: self.norm(train=train and i >= first)
+    last = NUM_BLOCKS - 1
+    blocks = [ConvNormAct(make_divisible(STEM_CHANNELS * self.width_mult), 3, norm(0),
+                          strides=stem_stride(self.cifar_stem), dtype=self.dtype, name='features_0')]
+    blocks += [InvertedResidual(spec, norm(spec.index), dtype=self.dtype, name=f'features_{spec.index}')
+               for spec in block_specs(self.width_mult, self.cifar_stem)]
+    blocks.append(ConvNormAct(last_channels(self.width_mult), 1, norm(last), dtype=self.dtype,
+                              name=f'features_{last}'))
+    for i, block in enumerate(blocks):
+      x = block(x)
+      if i == first - 1:
+        x = jax.lax.stop_gradient(x)
+    return x
+
+
+def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0,
+                 norm: Callable[..., ModuleDef] | None = None,
+                 dtype: Any = jnp.float32) -> Classifier:
+  """torchvision's ImageNet `mobilenet_v2`: features, global average pool, Dropout(0.2) + Linear."""
+  if norm is None:
+    norm = functools.partial(make_norm, 'bn', dtype=dtype)
+  return Classifier(backbone=MobileNetV2Features(norm=norm, width_mult=width_mult, dtype=dtype),
+                    head=LinearHead(num_classes, dtype=dtype))

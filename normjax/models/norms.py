@@ -1,0 +1,143 @@
+"""Normalization layers and the `make_norm(name)` factory that blocks take as a partial.
+
+Every norm works on 2D (N, C) and 4D (N, H, W, C) inputs with channels last,
+computes its statistics in float32 (also under bfloat16 compute) and casts the
+output to `dtype`.
+"""
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Callable[..., nn.Module]
+
+NORMS = ('bn', 'ln', 'gn', 'frn', 'none')
+
+BN_MOMENTUM = 0.9  # torch BatchNorm momentum 0.1 (torch weights the new value, flax the old)
+BN_EPSILON = 1e-5  # torch BatchNorm eps
+LN_EPSILON = 1e-5  # torch LayerNorm eps
+GN_EPSILON = 1e-5  # torch GroupNorm eps
+FRN_EPSILON = 1e-6  # Singh & Krishnan 2020: eps = 1e-6
+FRN_LEARNED_EPS_INIT = 1e-4  # Singh & Krishnan 2020: learned eps_l initialised to 1e-4
+
+
+class Identity(nn.Module):
+  """The `none` norm: a no-op with the same call signature."""
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    return x
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm that matches torch's `BatchNorm1d/2d` exactly.
+
+  Train mode normalizes with the biased batch variance but, like torch, the
+  running variance tracks the unbiased one (times n/(n-1)); flax's
+  `nn.BatchNorm` tracks the biased one, which drifts from ported torch stats.
+  Statistics reduce over all axes but the last. Under `jit` with a sharded
+  batch, GSPMD makes the mean global, so no `axis_name` is needed. Variable
+  names match `nn.BatchNorm`: params {scale, bias}, batch_stats {mean, var}.
+  """
+  use_running_average: bool
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    features = x.shape[-1]
+    axes = tuple(range(x.ndim - 1))
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
+    scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+
+    x32 = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      n = x.size // features
+      if n < 2:
+        # torch raises too: an unbiased variance needs two values per channel.
+        raise ValueError(f'BatchNorm in train mode needs more than 1 value per channel, got '
+                         f'input shape {x.shape}')
+      mean = jnp.mean(x32, axis=axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # two-pass: no cancellation
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+        ra_var.value = (self.momentum * ra_var.value
+                        + (1.0 - self.momentum) * var * (n / (n - 1)))
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class FRN(nn.Module):
+  """Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan, CVPR 2020).
+
+  nu2 = mean(x^2) over the non-batch feature axes: H, W per channel for 4D
+  inputs and the C features for 2D (N, C) inputs (the study's head).
+  y = scale * x / sqrt(nu2 + eps) + bias;  z = max(y, tau).
+  With `learned_epsilon`, eps = 1e-6 + |eps_l| with a learned scalar eps_l,
+  which the paper recommends when few values are normalized.
+  """
+  learned_epsilon: bool = False
+  epsilon: float = FRN_EPSILON
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if x.ndim not in (2, 4):
+      raise ValueError(f'FRN expects a 2D (N, C) or 4D (N, H, W, C) input, got shape {x.shape}')
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+    tau = self.param('tau', nn.initializers.zeros, (features,), self.param_dtype)
+    eps = jnp.float32(self.epsilon)
+    if self.learned_epsilon:
+      eps_l = self.param('eps', nn.initializers.constant(FRN_LEARNED_EPS_INIT), (),
+                         self.param_dtype)
+      eps = eps + jnp.abs(eps_l.astype(jnp.float32))
+
+    x32 = x.astype(jnp.float32)
+    axes = (1,) if x.ndim == 2 else (1, 2)
+    nu2 = jnp.mean(jnp.square(x32), axis=axes, keepdims=True)
+    y = scale.astype(jnp.float32) * x32 * jax.lax.rsqrt(nu2 + eps) + bias.astype(jnp.float32)
+    return jnp.maximum(y, tau.astype(jnp.float32)).astype(self.dtype)
+
+
+class GroupNorm(nn.GroupNorm):
+  """`nn.GroupNorm` (Wu & He 2018) with an error that names the config field.
+
+  Groups split the last axis; statistics reduce over the group and H, W (4D)
+  or over the group's features (2D).
+  """
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if x.shape[-1] % self.num_groups:
+      raise ValueError(f'model.gn_groups={self.num_groups} does not divide the number of '
+                       f'channels {x.shape[-1]} (input shape {x.shape})')
+    return super().__call__(x)
+
+
+def make_norm(name: str, *, train: bool, dtype: Any = jnp.float32, gn_groups: int = 32,
+              frn_learned_eps: bool = False) -> ModuleDef:
+  """Returns a partial Module class; call it as `norm(name='bn')(x)`."""
+  if name == 'bn':
+    return functools.partial(BatchNorm, use_running_average=not train, dtype=dtype)
+  if name == 'ln':
+    return functools.partial(nn.LayerNorm, epsilon=LN_EPSILON, dtype=dtype,
+                             use_fast_variance=False)
+  if name == 'gn':
+    return functools.partial(GroupNorm, num_groups=gn_groups, epsilon=GN_EPSILON, dtype=dtype,
+                             use_fast_variance=False)
+  if name == 'frn':
+    return functools.partial(FRN, learned_epsilon=frn_learned_eps, dtype=dtype)
+  if name == 'none':
+    return Identity
+  raise ValueError(f'norm: unknown name {name!r}; allowed: {", ".join(NORMS)}')

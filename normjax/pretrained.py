@@ -1,0 +1,229 @@
+"""torchvision's ImageNet MobileNetV2 weights, ported to normjax's Flax MobileNetV2.
+
+Key mapping (normjax.models.mobilenet_v2 names modules after torchvision's keys):
+  features.<i>[.conv.<m>].<j>.weight (O, I, kh, kw)  -> params/backbone/features_<i>[/conv_<m>]/<j>/kernel (kh, kw, I, O)
+  depthwise weight (C, 1, 3, 3)                      -> DepthwiseConv kernel (3, 3, 1, C) (same transpose)
+  BN weight, bias                                    -> params .../scale, .../bias
+  BN running_mean, running_var                       -> batch_stats .../mean, .../var
+  BN num_batches_tracked                             -> dropped (flax does not count steps)
+  classifier.1.weight (classes, 1280), .bias         -> params/head/out/kernel (1280, classes), bias
+
+BatchNorm: torch eps 1e-5 and momentum 0.1 are flax epsilon 1e-5 and momentum 0.9
+(running = 0.9 * running + 0.1 * batch), which `normjax.models.norms.make_norm('bn')`
+uses. torch's running_var tracks the unbiased (n-1) batch variance; it is copied as is,
+and normjax's BN tracks the unbiased estimate too, so fine-tuning continues the same
+statistic.
+
+Only width_mult=1.0 weights exist; a model with another width fails with the shape
+mismatches listed. `cifar_stem` changes strides, not shapes, so ImageNet weights load
+into it (they then see features at a different scale than in pretraining).
+"""
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from normjax.models.classifier import Classifier
+from normjax.models.mobilenet_v2 import mobilenet_v2
+
+# torchvision.models.MobileNet_V2_Weights (torchvision/models/mobilenetv2.py).
+TORCHVISION_WEIGHTS = {
+    # IMAGENET1K_V1: original recipe, ImageNet acc@1 71.878.
+    'torchvision_v1': 'https://download.pytorch.org/models/mobilenet_v2-b0353104.pth',
+    # IMAGENET1K_V2: torchvision's improved training recipe, ImageNet acc@1 72.154.
+    'torchvision_v2': 'https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth',
+}
+
+_TORCH_LEAF = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
+               ('params', 'bias'): 'bias', ('batch_stats', 'mean'): 'running_mean',
+               ('batch_stats', 'var'): 'running_var'}
+
+
+def default_cache_dir() -> str:
+  """Where ported checkpoints of the named specs live: ~/.cache/normjax/<spec>."""
+  return os.path.join(os.path.expanduser('~'), '.cache', 'normjax')
+
+
+def torch_key(collection: str, path: tuple[str, ...]) -> str:
+  """The torchvision state_dict key of a flax variable, e.g.
+
+  ('params', ('backbone', 'features_2', 'conv_0', '0', 'kernel')) -> 'features.2.conv.0.0.weight'.
+  """
+  top, *modules, leaf = path
+  if top == 'head':
+    modules = ['classifier', '1']  # torchvision: classifier = Sequential(Dropout, Linear)
+  else:
+    modules = [re.sub(r'^(features|conv)_(\d+)$', r'\1.\2', m) for m in modules]
+  return '.'.join(modules + [_TORCH_LEAF[collection, leaf]])
+
+
+def _to_flax(value: np.ndarray) -> np.ndarray:
+  """torch layout -> flax layout: conv OIHW -> HWIO, Linear (out, in) -> (in, out)."""
+  if value.ndim == 4:
+    return value.transpose(2, 3, 1, 0)
+  return value.T if value.ndim == 2 else value
+
+
+def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Inverse of `_to_flax` on shapes."""
+  if len(flax_shape) == 4:
+    h, w, i, o = flax_shape
+    return (o, i, h, w)
+  return tuple(reversed(flax_shape))
+
+
+def _variable_shapes(module: Classifier) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Flattened {(collection, *path): shape} of the module's variables, without computing them."""
+  variables = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  return {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()}
+
+
+def port_state_dict(state_dict: Mapping[str, Any], module: Classifier) -> dict[str, Any]:
+  """Maps a torchvision MobileNetV2 state_dict onto `module`'s variables.
+
+  Raises one ValueError listing every missing key, every unexpected key and every
+  shape mismatch (torch shape vs the torch shape `module` expects).
+  """
+  expected = {torch_key(k[0], k[1:]): (k, shape) for k, shape in _variable_shapes(module).items()}
+  given = {k: v for k, v in state_dict.items() if not k.endswith('.num_batches_tracked')}
+  missing = sorted(set(expected) - set(given))
+  unexpected = sorted(set(given) - set(expected))
+  flat, mismatched = {}, []
+  for key in sorted(set(given) & set(expected)):
+    path, shape = expected[key]
+    value = _to_flax(given[key].detach().cpu().float().numpy())
+    if value.shape != shape:
+      mismatched.append(f'  {key}: torch shape {tuple(given[key].shape)}, expected '
+                        f'{_torch_shape(shape)} (flax {path[-1]} {shape})')
+    flat[path] = jnp.asarray(value)
+  if missing or unexpected or mismatched:
+    lines = ['torchvision MobileNetV2 state_dict does not match normjax MobileNetV2:']
+    if missing:
+      lines += [f'missing keys ({len(missing)}):'] + [f'  {k}' for k in missing]
+    if unexpected:
+      lines += [f'unexpected keys ({len(unexpected)}):'] + [f'  {k}' for k in unexpected]
+    if mismatched:
+      lines += [f'shape mismatches ({len(mismatched)}):'] + mismatched
+    raise ValueError('\n'.join(lines))
+  return traverse_util.unflatten_dict(flat)
+
+
+def read_state_dict(path_or_url: str) -> dict[str, Any]:
+  """A torch state_dict from a file or an http(s) URL (downloaded into torch's hub cache)."""
+  import torch  # pylint: disable=g-import-not-at-top  # optional dependency, only for porting
+  if path_or_url.startswith(('http://', 'https://')):
+    # check_hash: torchvision's file names carry the sha256 prefix.
+    return torch.hub.load_state_dict_from_url(path_or_url, map_location='cpu', check_hash=True,
+                                              weights_only=True)
+  return torch.load(path_or_url, map_location='cpu', weights_only=True)
+
+
+def load_torchvision_mobilenet_v2(path_or_url: str,
+                                  num_classes: int = 1000) -> tuple[Classifier, dict[str, Any]]:
+  """torchvision's `mobilenet_v2` (width 1.0, BN) as (normjax module, ported variables)."""
+  module = mobilenet_v2(num_classes=num_classes)
+  return module, port_state_dict(read_state_dict(path_or_url), module)
+
+
+def _hub_checkpoint(url: str) -> str:
+  """The file torch.hub.load_state_dict_from_url caches `url` in."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+
+
+def named_state_dict(spec: str) -> dict[str, Any]:
+  """The state_dict of a TORCHVISION_WEIGHTS name: torch's hub cache file, else a download."""
+  url = TORCHVISION_WEIGHTS[spec]
+  hub_file = _hub_checkpoint(url)
+  if os.path.isfile(hub_file):
+    return read_state_dict(hub_file)
+  try:
+    return read_state_dict(url)
+  except Exception as e:  # offline: URLError, OSError, HTTPError, ...
+    out = os.path.join(default_cache_dir(), spec)
+    raise FileNotFoundError(
+        f'Cannot get pretrained weights {spec!r}: download of {url} failed ({e!r}).\n'
+        f'Download {url} (file {os.path.basename(url)}) on a machine with internet and either\n'
+        f'  put it at {hub_file} (torch hub cache; $TORCH_HOME moves it), or\n'
+        f'  pass its path as the pretrained spec, or\n'
+        f'  run `python -m normjax.port --torchvision={spec} --out={out}` where the file or the\n'
+        f'  internet is available and copy that directory to {out} (or your cache_dir).') from e
+
+
+def _replace_backbone(variables: Mapping[str, Any], params: Any, batch_stats: Any,
+                      source: str) -> dict[str, Any]:
+  """`variables` with the backbone's params and batch_stats replaced, after a structure check."""
+  if 'backbone' not in (variables.get('batch_stats') or {}):
+    raise ValueError(f'pretrained {source} has BatchNorm statistics but the model has no '
+                     f'batch_stats: use the bn backbone norm with pretrained weights.')
+  problems = []
+  for collection, new in (('params', params), ('batch_stats', batch_stats)):
+    target = traverse_util.flatten_dict(variables[collection]['backbone'], sep='/')
+    new = traverse_util.flatten_dict(new, sep='/')
+    problems += [f'  missing {collection}/backbone/{k} {target[k].shape}'
+                 for k in sorted(set(target) - set(new))]
+    problems += [f'  unexpected {collection}/backbone/{k} {new[k].shape}'
+                 for k in sorted(set(new) - set(target))]
+    problems += [f'  {collection}/backbone/{k}: pretrained {new[k].shape}, model {target[k].shape}'
+                 for k in sorted(set(new) & set(target)) if new[k].shape != target[k].shape]
+  if problems:
+    raise ValueError(
+        f'pretrained backbone {source} does not fit the model (torchvision weights need '
+        f'width_mult=1.0):\n' + '\n'.join(problems))
+  cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
+  out = dict(variables)
+  out['params'] = {**variables['params'], 'backbone': cast(params)}
+  out['batch_stats'] = {**variables['batch_stats'], 'backbone': cast(batch_stats)}
+  return out
+
+
+def _restore_orbax(path: str) -> dict[str, Any]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # slow import
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(os.path.abspath(path))
+
+
+def _num_classes(state_dict: Mapping[str, Any]) -> int:
+  weight = state_dict.get('classifier.1.weight')
+  return 1000 if weight is None else weight.shape[0]
+
+
+def load_pretrained_backbone(spec: str, variables: Mapping[str, Any], *,
+                             cache_dir: str | None = None) -> dict[str, Any]:
+  """Returns `variables` with params/batch_stats['backbone'] replaced by pretrained ones.
+
+  spec: 'torchvision_v1' | 'torchvision_v2' (see TORCHVISION_WEIGHTS), a directory
+  written by `python -m normjax.port`, or a torch state_dict file (.pth).
+  A named spec is looked up as: the ported checkpoint <cache_dir>/<spec> (cache_dir
+  defaults to ~/.cache/normjax), torch's hub cache file, then a download.
+  The head is left as it is.
+  """
+  if spec in TORCHVISION_WEIGHTS:
+    ported = os.path.join(cache_dir or default_cache_dir(), spec)
+    if os.path.isdir(ported):
+      spec = ported
+    else:
+      state_dict = named_state_dict(spec)
+      ported = port_state_dict(state_dict, mobilenet_v2(_num_classes(state_dict)))
+      return _replace_backbone(variables, ported['params']['backbone'],
+                               ported['batch_stats']['backbone'], spec)
+  if os.path.isdir(spec):
+    restored = _restore_orbax(spec)
+  elif os.path.isfile(spec):
+    state_dict = read_state_dict(spec)
+    restored = port_state_dict(state_dict, mobilenet_v2(_num_classes(state_dict)))
+  else:
+    raise FileNotFoundError(
+        f'pretrained spec {spec!r} is neither one of {sorted(TORCHVISION_WEIGHTS)}, a checkpoint '
+        f'directory written by `python -m normjax.port`, nor a torch state_dict file.')
+  try:
+    params, batch_stats = restored['params']['backbone'], restored['batch_stats']['backbone']
+  except (KeyError, TypeError) as e:
+    raise ValueError(f'{spec}: expected params/backbone and batch_stats/backbone, found top-level '
+                     f'keys {sorted(restored)}') from e
+  return _replace_backbone(variables, params, batch_stats, spec)

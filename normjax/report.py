@@ -1,0 +1,618 @@
+"""The comparison report: every run under a directory -> report.md + PNGs.
+
+  python -m normjax.report WORKDIR [--out=DIR]
+
+A run is any directory holding `summary.json` (finished) or only
+`metrics.jsonl` (in progress, or stopped before the end). Everything is read
+from those JSON files (and `config.json`), so the report needs neither
+TensorFlow nor JAX. The figures use matplotlib's object API (no pyplot), so
+importing this module never changes the global backend.
+"""
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import statistics
+import sys
+from typing import Any, Iterable, Sequence
+
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+import numpy as np
+
+from normjax import metrics_io
+
+NA = 'n/a'
+SKIP_DIRS = ('checkpoints',)  # orbax trees: many files, never a run
+
+# Output files this module owns; a section that no longer applies removes its stale file.
+CURVES_PNG = 'curves.png'
+LAYER_NORMS_PNG = 'layer_grad_norms.png'
+LAYER_DIST_PNG = 'layer_grad_dist.png'
+AGC_FRAC_PNG = 'agc_clipped_frac.png'
+BATCH_SIZE_PNG = 'batch_size.png'
+REPORT_MD = 'report.md'
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRun:
+  """A run of the original study and the numbers its report gives (study.md section 1)."""
+  final_val: float | None = None   # final validation accuracy, %
+  epoch1_val: float | None = None  # validation accuracy after epoch 1, %
+  grad_norm: str | None = None     # global gradient norm, start -> end of training
+
+
+# study.md section 1, "Results reported"; the two other runs' numbers were not given.
+STUDY_RUNS = {
+    'FRN-NoClip': StudyRun(final_val=90.57, grad_norm='~44 -> <29'),
+    'BN-Clip': StudyRun(final_val=90.71, epoch1_val=75.16, grad_norm='15.46 -> 0.29'),
+    'LN-NoClip': StudyRun(final_val=90.22, grad_norm='~44 -> <29'),
+    'BN-NoClip': StudyRun(final_val=89.64, epoch1_val=73.73),
+    'FRN-Clip': StudyRun(),
+    'LN-Clip': StudyRun(),
+}
+
+# The study's recipe (study.md section 1) on the fields whose change makes its numbers
+# incomparable; a run mapped to a study run lists every field where it differs.
+STUDY_RECIPE = {
+    'data.name': 'cifar10',          # original CIFAR-10 (cifar10_jpeg is a JPEG re-encoding)
+    'data.image_size': 224,          # resized to 224x224
+    'data.train_subset': 0,          # the full 80% train split
+    'model.width_mult': 1.0,         # torchvision MobileNetV2
+    'model.pretrained': 'torchvision_v1',  # ImageNet weights (torchvision pretrained=True)
+    'optim.name': 'adam',
+    'optim.lr': 1e-3,                # head LR
+    'optim.backbone_lr': 1e-5,       # features.18 LR
+    'optim.trainable_blocks': 1,     # only features.18 fine-tuned
+    'train.batch_size': 64,
+    'train.num_epochs': 15,
+    'train.max_steps': 0,
+}
+
+
+@dataclasses.dataclass
+class Run:
+  """One workdir: its config, summary (None while in progress) and metrics records."""
+  name: str
+  path: pathlib.Path
+  config: dict[str, Any]
+  summary: dict[str, Any] | None
+  records: list[dict[str, Any]]
+
+  @property
+  def finished(self) -> bool:
+    return self.summary is not None
+
+  def cfg(self, dotted: str, default: Any = None) -> Any:
+    """A config field by dotted name ('optim.clip'), or `default` when absent."""
+    node: Any = self.config
+    for key in dotted.split('.'):
+      if not isinstance(node, dict) or key not in node:
+        return default
+      node = node[key]
+    return node
+
+  def kind(self, kind: str) -> list[dict[str, Any]]:
+    return [r for r in self.records if r.get('kind') == kind]
+
+
+def natural_key(text: str) -> list[Any]:
+  """Sort key that orders 'features_2' before 'features_10'."""
+  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', text)]
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+  """metrics.jsonl's records; names the file when a line is not JSON."""
+  try:
+    return list(metrics_io.read_jsonl(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path}: not a JSON record: {e}') from e
+
+
+def load_run(path: pathlib.Path, root: pathlib.Path) -> Run:
+  summary = None
+  if (path / 'summary.json').exists():
+    summary = metrics_io.read_json(path / 'summary.json')
+  config = {}
+  if summary is not None and 'config' in summary:
+    config = summary['config']
+  elif (path / 'config.json').exists():
+    config = metrics_io.read_json(path / 'config.json')
+  records = []
+  if (path / 'metrics.jsonl').exists():
+    records = read_metrics(path / 'metrics.jsonl')
+  name = path.relative_to(root).as_posix()
+  return Run(name=path.resolve().name if name == '.' else name, path=path, config=config,
+             summary=summary, records=records)
+
+
+def find_runs(root: str | pathlib.Path) -> list[Run]:
+  """Every directory under `root` (itself included) holding summary.json or metrics.jsonl."""
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f'{root} is not a directory')
+  runs = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]  # prune: never descend there
+    if 'summary.json' in filenames or 'metrics.jsonl' in filenames:
+      runs.append(load_run(pathlib.Path(dirpath), root))
+  return sorted(runs, key=lambda r: natural_key(r.name))
+
+
+def study_run(run: Run) -> str | None:
+  """The study run this run reproduces ('BN-Clip', ...) judged by model, head and clipping."""
+  norm = run.cfg('model.head_norm')
+  clip = run.cfg('optim.clip')
+  if (run.cfg('model.name') != 'mobilenet_v2' or run.cfg('model.norm') != 'bn'
+      or run.cfg('model.head') != 'mlp' or norm not in ('bn', 'ln', 'frn')):
+    return None
+  if clip == 'none':
+    return f'{norm.upper()}-NoClip'
+  if clip == 'global_norm' and run.cfg('optim.clip_norm') == 1.0:  # study: max_norm=1.0
+    return f'{norm.upper()}-Clip'
+  return None
+
+
+def study_deviations(run: Run) -> list[str]:
+  """The study recipe fields this run changes, as 'field=value (study: value)'."""
+  out = []
+  for field, want in STUDY_RECIPE.items():
+    got = run.cfg(field)
+    if got is not None and got != want:
+      note = ', a JPEG re-encoding of CIFAR-10' if got == 'cifar10_jpeg' else ''
+      out.append(f'{field}={got} (study: {want}{note})')
+  return out
+
+
+@dataclasses.dataclass
+class Stats:
+  """A run's headline numbers; accuracies are fractions, None when unknown."""
+  final_val: float | None
+  best_val: float | None
+  epoch1_val: float | None
+  test: float | None
+  grad_norm_first: float | None
+  grad_norm_last: float | None
+  images_per_sec: float | None
+  wall_time_s: float | None
+  epochs: float | None
+  device: str | None
+  peak_memory_bytes: float | None    # device allocator peak (GPU/TPU)
+  peak_host_rss_bytes: float | None  # written instead on CPU, which has no allocator stats
+
+
+def run_stats(run: Run) -> Stats:
+  """Summary values where the run finished, else what its metrics records show so far."""
+  s = run.summary or {}
+
+  def pick(key: str, fallback: Any) -> Any:
+    return fallback if s.get(key) is None else s[key]
+
+  val = [r['accuracy'] for r in run.kind('val')]
+  epoch1 = [r['accuracy'] for r in run.kind('val') if r['epoch'] >= 1 - 1e-6]
+  test = [r['accuracy'] for r in run.kind('test')]
+  grad = [r['grad_norm'] for r in run.kind('train') if 'grad_norm' in r]
+  # The first window includes compilation, so the fallback is the median window.
+  speed = [r['images_per_sec'] for r in run.kind('train') if 'images_per_sec' in r]
+  device = f"{s['device_kind']} x{s.get('num_devices', 1)}" if 'device_kind' in s else None
+  return Stats(
+      final_val=pick('final_val_accuracy', val[-1] if val else None),
+      best_val=pick('best_val_accuracy', max(val) if val else None),
+      epoch1_val=pick('epoch1_val_accuracy', epoch1[0] if epoch1 else None),
+      test=pick('test_accuracy', test[-1] if test else None),
+      grad_norm_first=pick('grad_norm_first', grad[0] if grad else None),
+      grad_norm_last=pick('grad_norm_last', grad[-1] if grad else None),
+      images_per_sec=pick('images_per_sec', statistics.median(speed) if speed else None),
+      wall_time_s=s.get('wall_time_s'),
+      epochs=pick('epochs', run.records[-1].get('epoch') if run.records else None),
+      device=device,
+      peak_memory_bytes=s.get('peak_memory_bytes'),
+      peak_host_rss_bytes=s.get('peak_host_rss_bytes'))
+
+
+def fmt_pct(x: float | None) -> str:
+  return NA if x is None else f'{100 * x:.2f}'
+
+
+def fmt_num(x: float | None, digits: int = 4) -> str:
+  return NA if x is None else f'{x:.{digits}g}'
+
+
+def fmt_duration(seconds: float | None) -> str:
+  if seconds is None:
+    return NA
+  m, s = divmod(int(round(seconds)), 60)
+  h, m = divmod(m, 60)
+  return f'{h}:{m:02d}:{s:02d}'
+
+
+def fmt_memory(st: Stats) -> str:
+  if st.peak_memory_bytes is not None:
+    return f'{st.peak_memory_bytes / 2**30:.2f} GiB'
+  if st.peak_host_rss_bytes is not None:
+    return f'{st.peak_host_rss_bytes / 2**30:.2f} GiB (host RSS)'
+  return NA
+
+
+def fmt_clip(run: Run) -> str:
+  clip = run.cfg('optim.clip', NA)
+  if clip == 'global_norm':
+    return f"global_norm ({run.cfg('optim.clip_norm')})"
+  if clip == 'agc':
+    return f"agc (lambda={run.cfg('optim.agc_lambda')})"
+  return clip
+
+
+def fmt_head(run: Run) -> str:
+  head = run.cfg('model.head', NA)
+  return head if head == 'linear' else f"{head}/{run.cfg('model.head_norm', NA)}"
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  lines += ['| ' + ' | '.join(str(c).replace('|', '/') for c in row) + ' |' for row in rows]
+  return lines
+
+
+RUN_COLUMNS = ('run', 'status', 'model', 'backbone norm', 'head', 'clip', 'batch', 'epochs',
+               'data', 'image size', 'final val %', 'best val %', 'epoch-1 val %', 'test %',
+               'study ref: final val %', 'grad norm start', 'grad norm end', 'images/s',
+               'wall time', 'device')
+
+
+def runs_section(runs: list[Run]) -> list[str]:
+  rows = []
+  notes: dict[tuple[str, ...], list[str]] = {}  # deviations -> runs; one footnote each
+  for run in runs:
+    st = run_stats(run)
+    ref = study_run(run)
+    ref_cell = '-'
+    if ref is not None:
+      value = STUDY_RUNS[ref].final_val
+      ref_cell = f"{ref}: {NA if value is None else f'{value:.2f}'}"
+      deviations = tuple(study_deviations(run))
+      if deviations:
+        notes.setdefault(deviations, []).append(run.name)
+        ref_cell += f' [{list(notes).index(deviations) + 1}]'
+    rows.append((
+        f'`{run.name}`', 'done' if run.finished else 'in progress',
+        run.cfg('model.name', NA), run.cfg('model.norm', NA), fmt_head(run), fmt_clip(run),
+        run.cfg('train.batch_size', NA), fmt_num(st.epochs), run.cfg('data.name', NA),
+        run.cfg('data.image_size', NA), fmt_pct(st.final_val), fmt_pct(st.best_val),
+        fmt_pct(st.epoch1_val), fmt_pct(st.test), ref_cell, fmt_num(st.grad_norm_first),
+        fmt_num(st.grad_norm_last), fmt_num(st.images_per_sec), fmt_duration(st.wall_time_s),
+        st.device or NA))
+  lines = ['## Runs', '']
+  lines += md_table(RUN_COLUMNS, rows)
+  lines += [
+      '',
+      'Accuracies in %. "in progress": metrics.jsonl but no summary.json yet (running, or '
+      'stopped early); its numbers are the latest records. Grad norm: global norm before '
+      'clipping in the first and last train log window. Every accuracy belongs with the '
+      'data set and image size in its row.',
+  ]
+  for i, (deviations, names) in enumerate(notes.items(), start=1):
+    lines.append(f'\n[{i}] Not the study\'s recipe: ' + '; '.join(deviations) + '. Runs: '
+                 + ', '.join(f'`{n}`' for n in names) + '.')
+  return lines
+
+
+def study_section() -> list[str]:
+  rows = [(name, NA if r.final_val is None else f'{r.final_val:.2f}',
+           NA if r.epoch1_val is None else f'{r.epoch1_val:.2f}', r.grad_norm or NA)
+          for name, r in STUDY_RUNS.items()]
+  return [
+      '## Study reference', '',
+      'The original study (shared/docs/study.md section 1): torchvision MobileNetV2 with '
+      'ImageNet-pretrained weights, only `features.18` and the head trained, on the original '
+      'CIFAR-10 resized to 224x224, Adam (head 1e-3, block 1e-5), batch 64, 15 epochs. '
+      'A run is mapped to a study run by model (mobilenet_v2, BN backbone, MLP head), head norm '
+      'and clipping (none, or global norm 1.0); a run on `cifar10_jpeg` sees a JPEG '
+      're-encoding of CIFAR-10, not the images the study used.', '',
+      *md_table(('study run', 'final val %', 'epoch-1 val %', 'grad norm start -> end'), rows),
+  ]
+
+
+# ---------------------------------------------------------------- figures
+
+
+LINESTYLES = {'none': '-', 'global_norm': '--', 'agc': '-.'}
+NORM_STATS = ('grad_norm', 'grad_norm_clipped', 'param_norm')  # L2 norms: blocks combine by RSS
+
+
+def styles(runs: list[Run]) -> dict[str, dict[str, Any]]:
+  """One colour per run, the same in every figure; dashed = global-norm clip, dash-dot = AGC."""
+  palette = colormaps['tab10' if len(runs) <= 10 else 'tab20']
+  return {r.name: {'color': palette(i % palette.N),
+                   'linestyle': LINESTYLES.get(r.cfg('optim.clip'), '-')}
+          for i, r in enumerate(runs)}
+
+
+def legend_below(fig: Figure, axes: Sequence[Any], order: Sequence[str] = ()) -> None:
+  """One legend for all panels, below them; labels in `order` first, in that order."""
+  handles = {}
+  for ax in axes:
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, h)
+  labels = sorted(handles, key=lambda l: order.index(l) if l in order else len(order))
+  if labels:
+    fig.legend([handles[l] for l in labels], labels, loc='outside lower center',
+               ncols=min(3, len(labels)), fontsize='small')
+
+
+def run_label(run: Run) -> str:
+  return run.name if run.finished else f'{run.name} (in progress)'
+
+
+def plot_curves(runs: list[Run], style: dict[str, dict[str, Any]], path: pathlib.Path) -> bool:
+  """Validation accuracy and loss per epoch, train loss and global grad norm per log window."""
+  fig = Figure(figsize=(12, 8.5), layout='constrained')
+  axes = fig.subplots(2, 2).ravel()
+  panels = (('val', 'accuracy', 'validation accuracy (%)', 100.0),
+            ('val', 'loss', 'validation loss', 1.0),
+            ('train', 'loss', 'train loss (per log window)', 1.0),
+            ('train', 'grad_norm', 'train grad norm, before clipping (log)', 1.0))
+  drawn = False
+  for ax, (kind, key, title, scale) in zip(axes, panels):
+    for run in runs:
+      pts = [(r['epoch'], r[key] * scale) for r in run.kind(kind) if key in r]
+      if pts:
+        x, y = zip(*pts)
+        marker = 'o' if kind == 'val' or len(pts) <= 3 else None  # a lone point needs one
+        ax.plot(x, y, marker=marker, markersize=3, linewidth=1.3, label=run_label(run),
+                **style[run.name])
+        drawn = True
+    ax.set_title(title, fontsize='medium')
+    ax.set_xlabel('epoch')
+    ax.grid(alpha=0.3)
+  axes[3].set_yscale('log')
+  legend_below(fig, axes, [run_label(r) for r in runs])
+  if drawn:
+    fig.savefig(path, dpi=110)
+  return drawn
+
+
+def depth_key(layer: str) -> tuple[int, list[Any]]:
+  """Network order: backbone blocks (features_<i> naturally sorted), then the head."""
+  return {'backbone': 0, 'head': 1}.get(layer.split('/')[0], 2), natural_key(layer)
+
+
+def block_of(layer: str) -> str:
+  """'backbone/features_3/conv_0' -> 'backbone/features_3'; 'head/fc1' stays."""
+  return '/'.join(layer.split('/')[:2])
+
+
+def short_block(block: str) -> str:
+  return re.sub(r'^backbone/features_(\d+)$', r'\1', block)
+
+
+def layer_values(run: Run, stat: str) -> dict[str, np.ndarray]:
+  """layer -> the stat's values over the run's "layers" records."""
+  out = collections.defaultdict(list)
+  prefix = stat + '/'
+  for r in run.kind('layers'):
+    for k, v in r.items():
+      if k.startswith(prefix):
+        out[k[len(prefix):]].append(v)
+  return {k: np.asarray(v, dtype=float) for k, v in out.items()}
+
+
+def block_values(run: Run, stat: str) -> dict[str, np.ndarray]:
+  """block -> per-record stat: norms combine by root-sum-square, fractions by the mean."""
+  per_layer = layer_values(run, stat)
+  groups = collections.defaultdict(list)
+  for layer, v in per_layer.items():
+    groups[block_of(layer)].append(v)
+  out = {}
+  for block in sorted(groups, key=depth_key):
+    vs = np.stack(groups[block])
+    out[block] = np.sqrt((vs**2).sum(0)) if stat in NORM_STATS else vs.mean(0)
+  return out
+
+
+def positive(v: np.ndarray) -> np.ndarray:
+  """Frozen layers have exactly zero gradient; they have no place on a log axis."""
+  return v[v > 0]
+
+
+def plot_layer_norms(runs: list[Run], style: dict[str, dict[str, Any]],
+                     path: pathlib.Path) -> None:
+  """Per run: per-block grad norm by depth, median over training with a min-max band."""
+  ncols = min(3, len(runs))
+  nrows = math.ceil(len(runs) / ncols)
+  fig = Figure(figsize=(4.6 * ncols, 3.6 * nrows + 0.6), layout='constrained')
+  axes = np.atleast_1d(fig.subplots(nrows, ncols, sharey=True, squeeze=False)).ravel()
+  for ax, run in zip(axes, runs):
+    color = style[run.name]['color']
+    stats = [('grad_norm', 'before clipping', '-', 'o')]
+    if run.cfg('optim.clip', 'none') != 'none':
+      stats.append(('grad_norm_clipped', 'after clipping', '--', 's'))
+    for stat, label, ls, marker in stats:
+      blocks = block_values(run, stat)
+      names = [b for b in blocks if positive(blocks[b]).size]
+      x = np.arange(len(names))
+      med = [np.median(positive(blocks[b])) for b in names]
+      lo = [positive(blocks[b]).min() for b in names]
+      hi = [positive(blocks[b]).max() for b in names]
+      ax.plot(x, med, linestyle=ls, marker=marker, markersize=4, color=color, label=label)
+      ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
+      ax.set_xticks(x, [short_block(b) for b in names], rotation=90, fontsize='x-small')
+    ax.set_yscale('log')
+    ax.set_title(f'{run_label(run)}\nhead {fmt_head(run)}, clip {fmt_clip(run)}', fontsize='small')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='x-small')
+  for ax in axes[len(runs):]:
+    ax.set_visible(False)
+  fig.supxlabel('block (backbone features_<i>, then head)', fontsize='small')
+  fig.supylabel('per-block gradient L2 norm', fontsize='small')
+  fig.savefig(path, dpi=110)
+
+
+def plot_layer_dist(runs: list[Run], style: dict[str, dict[str, Any]],
+                    path: pathlib.Path) -> None:
+  """Per run: distribution over layers and records of log10 grad norm, before / after clipping."""
+  fig = Figure(figsize=(max(6.0, 1.3 * len(runs) + 2), 5.0), layout='constrained')
+  ax = fig.subplots()
+  for i, run in enumerate(runs):
+    color = style[run.name]['color']
+    for offset, stat, hatch in ((-0.18, 'grad_norm', None), (0.18, 'grad_norm_clipped', '///')):
+      values = layer_values(run, stat)
+      if not values:
+        continue
+      data = np.log10(positive(np.concatenate(list(values.values()))))
+      box = ax.boxplot([data], positions=[i + offset], widths=0.32, patch_artist=True,
+                       showfliers=True, flierprops={'markersize': 2})
+      face = (*color[:3], 0.55) if hatch is None else 'white'
+      box['boxes'][0].set(facecolor=face, edgecolor=color, hatch=hatch)
+      box['medians'][0].set(color='black')
+  ax.set_xticks(range(len(runs)), [r.name for r in runs], rotation=30, ha='right',
+                fontsize='small')
+  ax.set_xlim(-0.6, len(runs) - 0.4)
+  ax.set_ylabel('log10 per-layer gradient L2 norm')
+  ax.set_title('per-layer gradient norms, all layers and records: filled = before clipping, '
+               'hatched = after', fontsize='medium')
+  ax.grid(axis='y', alpha=0.3)
+  fig.savefig(path, dpi=110)
+
+
+def plot_agc_frac(runs: list[Run], style: dict[str, dict[str, Any]],
+                  path: pathlib.Path) -> None:
+  """Per AGC run: the mean fraction of each block's units that AGC clipped."""
+  fig = Figure(figsize=(max(6.0, 4.6 * len(runs)), 3.8), layout='constrained')
+  axes = np.atleast_1d(fig.subplots(1, len(runs), sharey=True, squeeze=False)).ravel()
+  for ax, run in zip(axes, runs):
+    blocks = block_values(run, 'agc_clipped_frac')
+    ax.bar(range(len(blocks)), [v.mean() for v in blocks.values()],
+           color=style[run.name]['color'])
+    ax.set_xticks(range(len(blocks)), [short_block(b) for b in blocks], rotation=90,
+                  fontsize='x-small')
+    ax.set_title(f'{run.name}, {fmt_clip(run)}', fontsize='small')
+    ax.set_ylim(0, 1)
+    ax.grid(axis='y', alpha=0.3)
+  axes[0].set_ylabel('AGC clipped fraction (mean)')
+  fig.savefig(path, dpi=110)
+
+
+def layers_section(runs: list[Run], style: dict[str, dict[str, Any]],
+                   out: pathlib.Path) -> list[str]:
+  with_layers = [r for r in runs if r.kind('layers')]
+  agc = [r for r in with_layers if layer_values(r, 'agc_clipped_frac')]
+  for name, keep in ((LAYER_NORMS_PNG, with_layers), (LAYER_DIST_PNG, with_layers),
+                     (AGC_FRAC_PNG, agc)):
+    if not keep:
+      (out / name).unlink(missing_ok=True)
+  lines = ['## Per-layer gradient norms', '']
+  if not with_layers:
+    return lines + ['No run has "layers" records (train.monitor_every_steps = 0).']
+  plot_layer_norms(with_layers, style, out / LAYER_NORMS_PNG)
+  plot_layer_dist(with_layers, style, out / LAYER_DIST_PNG)
+  lines += [
+      'Per block, in network order: median over the run\'s "layers" records of the gradient '
+      'L2 norm, band = min..max over training; layers inside a block combine by root-sum-square. '
+      'Frozen blocks (zero gradient) are left out.', '',
+      f'![per-block gradient norms]({LAYER_NORMS_PNG})', '',
+      'Distribution over all logged layers and records, before and after clipping:', '',
+      f'![per-layer gradient norm distributions]({LAYER_DIST_PNG})',
+  ]
+  if agc:
+    plot_agc_frac(agc, style, out / AGC_FRAC_PNG)
+    lines += ['', 'AGC: mean fraction of each block\'s units whose gradient was clipped:', '',
+              f'![AGC clipped fraction]({AGC_FRAC_PNG})']
+  return lines
+
+
+def batch_group(run: Run) -> str:
+  return (f"{run.cfg('model.name', NA)} ({run.cfg('model.norm', NA)} backbone, "
+          f"clip {fmt_clip(run)})")
+
+
+def plot_batch_size(groups: dict[str, list[tuple[int, Run, Stats]]],
+                    path: pathlib.Path) -> None:
+  panels = [('test', 'test accuracy (%)', 100.0), ('images_per_sec', 'images/s', 1.0)]
+  if any(st.peak_memory_bytes is not None for g in groups.values() for _, _, st in g):
+    panels.append(('peak_memory_bytes', 'peak device memory (GiB)', 1 / 2**30))
+  sizes = sorted({bs for g in groups.values() for bs, _, _ in g})
+  fig = Figure(figsize=(4.6 * len(panels), 4.4), layout='constrained')
+  axes = fig.subplots(1, len(panels)).ravel()
+  for ax, (field, title, scale) in zip(axes, panels):
+    for label, members in groups.items():
+      pts = sorted((bs, getattr(st, field) * scale) for bs, _, st in members
+                   if getattr(st, field) is not None)
+      if pts:
+        ax.plot(*zip(*pts), marker='o', label=label)
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel('batch size')
+    ax.set_title(title, fontsize='medium')
+    ax.grid(alpha=0.3)
+  legend_below(fig, axes)
+  fig.savefig(path, dpi=110)
+
+
+def batch_size_section(runs: list[Run], out: pathlib.Path) -> list[str]:
+  """NF+AGC vs BN across batch sizes; only when the runs differ in train.batch_size."""
+  sized = [r for r in runs if r.cfg('train.batch_size') is not None]
+  if len({r.cfg('train.batch_size') for r in sized}) < 2:
+    (out / BATCH_SIZE_PNG).unlink(missing_ok=True)
+    return []
+  groups = collections.defaultdict(list)
+  for run in sized:
+    groups[batch_group(run)].append((run.cfg('train.batch_size'), run, run_stats(run)))
+  rows = []
+  for label in sorted(groups):
+    for bs, run, st in sorted(groups[label], key=lambda m: (m[0], m[1].name)):
+      rows.append((label, bs, f'`{run.name}`', fmt_pct(st.test), fmt_num(st.images_per_sec),
+                   fmt_memory(st)))
+  plot_batch_size(dict(sorted(groups.items())), out / BATCH_SIZE_PNG)
+  return ['## Batch size', '',
+          *md_table(('model', 'batch', 'run', 'test %', 'images/s', 'peak memory'), rows), '',
+          f'![batch size comparison]({BATCH_SIZE_PNG})']
+
+
+def write_report(root: str | pathlib.Path, out_dir: str | pathlib.Path | None = None
+                 ) -> pathlib.Path:
+  """Writes report.md and its PNGs for every run under `root` into `out_dir` (default root)."""
+  root = pathlib.Path(root)
+  runs = find_runs(root)
+  if not runs:
+    raise ValueError(f'no runs under {root}: no directory holds summary.json or metrics.jsonl')
+  out = pathlib.Path(out_dir) if out_dir is not None else root
+  out.mkdir(parents=True, exist_ok=True)
+  style = styles(runs)
+  done = sum(r.finished for r in runs)
+  lines = ['# normjax comparison report', '',
+           f'`{root}`: {len(runs)} runs, {done} done, {len(runs) - done} in progress.', '']
+  lines += runs_section(runs) + [''] + study_section() + ['', '## Curves', '']
+  if plot_curves(runs, style, out / CURVES_PNG):
+    lines += ['Solid: no clipping; dashed: global-norm clipping; dash-dot: AGC.', '',
+              f'![curves]({CURVES_PNG})']
+  else:
+    (out / CURVES_PNG).unlink(missing_ok=True)
+    lines += ['No metrics records yet.']
+  lines += [''] + layers_section(runs, style, out)
+  batch = batch_size_section(runs, out)
+  if batch:
+    lines += [''] + batch
+  path = out / REPORT_MD
+  path.write_text('\n'.join(lines) + '\n')
+  return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m normjax.report', description=__doc__.split(
+      '\n')[0])
+  parser.add_argument('workdir', help='directory searched recursively for runs')
+  parser.add_argument('--out', default=None, help='output directory (default: WORKDIR)')
+  args = parser.parse_args(argv)
+  path = write_report(args.workdir, args.out)
+  print(f'wrote {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

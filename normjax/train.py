@@ -1,0 +1,431 @@
+"""Training and evaluation: the state, the jitted steps, the loop, checkpoints, resume, preemption.
+
+Data order and augmentation are pure functions of (seed, step), and the metric
+window is part of the checkpointed state, so a run killed at any step and
+resumed ends bit-identical to an uninterrupted one.
+"""
+import contextlib
+import functools
+import pathlib
+import resource
+import shutil
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metrics as clu_metrics
+from jax.experimental import multihost_utils
+
+from normjax import config_schema, metrics_io, monitor, optim, parallel
+from normjax.data import augment, pipeline
+from normjax.models.factory import create_model
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient became NaN/inf and train.on_nonfinite is 'stop'."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint or workdir cannot be resumed (corrupted, or made by a different config)."""
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint was saved at `step`."""
+
+  def __init__(self, step: int, signum: int):
+    super().__init__(f'preempted by signal {signum} at step {step}; checkpoint saved, '
+                     'rerun the same command to resume')
+    self.step, self.signum = step, signum
+
+
+def _average(values: jax.Array, weights: jax.Array) -> clu_metrics.Average:
+  weights = jnp.broadcast_to(weights, jnp.shape(values))
+  return clu_metrics.Average(total=jnp.sum(jnp.where(weights, values, 0.0)).astype(jnp.float32),
+                             count=jnp.sum(weights).astype(jnp.int32))
+
+
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average
+  accuracy: clu_metrics.Accuracy
+  grad_norm: clu_metrics.Average
+  grad_norm_clipped: clu_metrics.Average
+  clip_fired: clu_metrics.Average
+  param_norm: clu_metrics.Average
+  update_norm: clu_metrics.Average
+  nonfinite: clu_metrics.Average  # fraction of steps with a NaN/inf loss or gradient
+
+
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  loss: clu_metrics.Average
+  accuracy: clu_metrics.Accuracy
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  metrics: TrainMetrics         # the current logging window, checkpointed for exact resume
+  first_nonfinite: jax.Array    # first step in the window with a NaN/inf, or -1
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> clu_metrics.Accuracy:
+  correct = (jnp.argmax(logits, -1) == labels)
+  return clu_metrics.Accuracy(total=jnp.sum(correct & mask).astype(jnp.float32),
+                              count=jnp.sum(mask).astype(jnp.int32))
+
+
+def _variables(params, batch_stats) -> dict:
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
+
+
+def init_state(model, tx, image_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
+  variables = model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, *image_shape)), train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    metrics=TrainMetrics.empty(), first_nonfinite=-jnp.ones((), jnp.int32))
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
+               model, tx, preprocess, skip_nonfinite: bool) -> TrainState:
+  """One optimizer step; metrics accumulate into state.metrics (no host sync)."""
+  step_key = jax.random.fold_in(key, state.step)
+  aug_key, dropout_key = jax.random.split(step_key)
+  x = preprocess(images, aug_key)
+
+  def loss_fn(params):
+    logits, updated = model.apply(_variables(params, state.batch_stats), x, train=True,
+                                  mutable=['batch_stats'], rngs={'dropout': dropout_key})
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, (logits, updated.get('batch_stats', {}))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  stats = monitor.summarize(opt_state)
+  finite = jnp.isfinite(loss) & jnp.isfinite(stats['grad_norm'])
+  if skip_nonfinite:
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params, batch_stats, opt_state = keep((params, batch_stats, opt_state),
+                                          (state.params, state.batch_stats, state.opt_state))
+  step = state.step + 1
+  metrics = TrainMetrics.empty().replace(
+      loss=_average(loss, finite), accuracy=_accuracy(logits, labels, jnp.broadcast_to(finite, labels.shape)),
+      nonfinite=_average((~finite).astype(jnp.float32), jnp.ones((), bool)),
+      **{k: _average(stats[k], finite) for k in
+         ('grad_norm', 'grad_norm_clipped', 'clip_fired', 'param_norm', 'update_norm')})
+  first = jnp.where((state.first_nonfinite < 0) & ~finite, step, state.first_nonfinite)
+  return state.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                       metrics=state.metrics.merge(metrics), first_nonfinite=first)
+
+
+def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
+              model, preprocess) -> EvalMetrics:
+  logits = model.apply(_variables(state.params, state.batch_stats), preprocess(images), train=False)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  mask = mask.astype(bool)
+  return EvalMetrics.empty().replace(loss=_average(loss, mask), accuracy=_accuracy(logits, labels, mask))
+
+
+class _PreemptionFlag:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __enter__(self):
+    self.signum = None
+    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning('signal %d: saving a checkpoint after this step, then exiting', signum)
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for s, handler in self._old.items():
+      signal.signal(s, handler)
+
+
+def _prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_chief: bool) -> None:
+  """Refuses to resume a run made by a different config; wipes the run only when asked."""
+  saved_config = workdir / 'config.json'
+  if is_chief:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.train.overwrite:
+      for name in ('checkpoints', 'tensorboard'):
+        shutil.rmtree(workdir / name, ignore_errors=True)
+      for name in ('metrics.jsonl', 'summary.json', 'config.json'):
+        (workdir / name).unlink(missing_ok=True)
+    elif saved_config.exists():
+      try:
+        saved = config_schema.flatten(metrics_io.read_json(saved_config))
+      except ValueError as e:
+        raise CheckpointError(f'{saved_config} is corrupted ({e}); restore it, or pass '
+                              '--config.train.overwrite=True to start this run afresh') from e
+      current = config_schema.flatten(config)
+      diffs = [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in sorted(set(saved) | set(current))
+               if saved.get(k) != current.get(k) and k not in config_schema.RESUMABLE_CHANGES]
+      if diffs:
+        raise CheckpointError(
+            f'{workdir} holds a run made with a different config ({"; ".join(diffs)}). Use another '
+            '--workdir, or --config.train.overwrite=True to discard that run.')
+    elif any((workdir / 'checkpoints').glob('*')):
+      raise CheckpointError(f'{workdir}/checkpoints exists but {saved_config} does not, so the '
+                            'checkpoints cannot be checked against this config; use another --workdir')
+    metrics_io.write_json_atomic(saved_config, config.to_dict())
+  multihost_utils.sync_global_devices('normjax_prepare_workdir')
+
+
+def _summarize_run(records: list[dict]) -> dict[str, Any]:
+  """Figures from metrics.jsonl, so they survive resumes."""
+  train = [r for r in records if r['kind'] == 'train']
+  val = [r for r in records if r['kind'] == 'val']
+  return {
+      'final_val_accuracy': val[-1]['accuracy'] if val else None,
+      'best_val_accuracy': max((r['accuracy'] for r in val), default=None),
+      'epoch1_val_accuracy': val[0]['accuracy'] if val else None,
+      'grad_norm_first': train[0]['grad_norm'] if train else None,
+      'grad_norm_last': train[-1]['grad_norm'] if train else None,
+  }
+
+
+def _peak_memory() -> dict[str, int]:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return {'peak_memory_bytes': int(stats['peak_bytes_in_use'])}
+  # No device allocator statistics (CPU): report the host's peak resident memory instead.
+  return {'peak_host_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+class _Throughput:
+  """Training images/s with eval, checkpoint and logging time left out.
+
+  The first window of each process includes compilation and is not counted in `steady()`.
+  """
+
+  def __init__(self, step: int, batch_size: int):
+    self.batch_size, self.step, self.start, self.paused = batch_size, step, time.time(), 0.0
+    self.counted_images, self.counted_seconds, self.first_window = 0, 0.0, True
+
+  @contextlib.contextmanager
+  def pause(self, pending: Any):
+    jax.block_until_ready(pending)  # finish queued train steps first: they count as training time
+    t = time.time()
+    yield
+    self.paused += time.time() - t
+
+  def window(self, step: int) -> float:
+    seconds = max(time.time() - self.start - self.paused, 1e-9)
+    images = (step - self.step) * self.batch_size
+    if not self.first_window:
+      self.counted_images, self.counted_seconds = self.counted_images + images, self.counted_seconds + seconds
+    self.step, self.start, self.paused, self.first_window = step, time.time(), 0.0, False
+    return images / seconds
+
+  def steady(self) -> float | None:
+    return self.counted_images / self.counted_seconds if self.counted_seconds else None
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains config's model, evaluates on validation each epoch and on test at the end.
+
+  Resumes from workdir/checkpoints when present. Returns the summary also
+  written to workdir/summary.json.
+  """
+  config = config_schema.validate(config)
+  if '://' in str(workdir):
+    raise config_schema.ConfigError(
+        f'--workdir={workdir}: URLs are not supported (metrics.jsonl is appended in place); mount the '
+        'bucket (e.g. gcsfuse) or use a shared NFS directory and pass that path')
+  workdir = pathlib.Path(workdir).absolute()
+  is_chief = jax.process_index() == 0
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size('train.batch_size', config.train.batch_size, mesh)
+  parallel.check_batch_size('train.eval_batch_size', config.train.eval_batch_size, mesh)
+  _prepare_workdir(config, workdir, is_chief)
+
+  splits = pipeline.load_splits(config.data, config.seed)
+  train_split = splits.train
+  batch_size = config.train.batch_size
+  steps_per_epoch = pipeline.steps_per_epoch(len(train_split.labels), batch_size)
+  total_steps = config.train.num_epochs * steps_per_epoch
+  if config.train.max_steps:
+    total_steps = min(total_steps, config.train.max_steps)
+  rows = pipeline.local_rows(batch_size, jax.process_index(), jax.process_count())
+  size = config.data.image_size
+  image_shape = (size, size, train_split.images.shape[-1])
+
+  model = create_model(config, splits.num_classes)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_params = jax.eval_shape(
+      lambda r: model.init({'params': r, 'dropout': r}, jnp.zeros((1, *image_shape)), train=False), rng
+  )['params']
+  tx = optim.make_optimizer(config, abstract_params, steps_per_epoch=steps_per_epoch)
+  init = functools.partial(init_state, model, tx, image_shape)
+  abstract_state = jax.eval_shape(init, rng)
+  shardings = parallel.state_sharding(abstract_state, mesh)
+  data = parallel.data_sharding(mesh)
+  repl = parallel.replicated(mesh)
+
+  norm_stats = dict(mean=splits.mean, std=splits.std, image_size=size)
+  p_train_step = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, skip_nonfinite=config.train.on_nonfinite == 'skip',
+                        preprocess=functools.partial(augment.train_preprocess, padding=config.data.crop_padding,
+                                                     augment=config.data.augment, **norm_stats)),
+      in_shardings=(shardings, data, data, repl), out_shardings=shardings, donate_argnums=0)
+  p_eval_step = jax.jit(
+      functools.partial(eval_step, model=model,
+                        preprocess=functools.partial(augment.eval_preprocess, **norm_stats)),
+      in_shardings=(shardings, data, data, data), out_shardings=repl)
+  merge = jax.jit(lambda a, b: a.merge(b))
+  lr_schedule = optim.learning_rate_schedule(config.optim.lr, config, steps_per_epoch)
+
+  manager = ocp.CheckpointManager(
+      workdir / 'checkpoints',
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True))
+  log = metrics_io.MetricsLog(workdir, enabled=is_chief)
+  latest = manager.latest_step()
+  if latest is None:
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    if config.model.pretrained != 'none':
+      state = _load_pretrained(config, state, shardings)
+    log.truncate_after(0)
+  else:
+    state = _restore(manager, latest, abstract_state, shardings)
+    log.truncate_after(latest)
+    logging.info('resumed from %s/checkpoints at step %d', workdir, latest)
+
+  def evaluate(split: pipeline.ArraySplit) -> dict[str, float]:
+    acc = EvalMetrics.empty()
+    for images, labels, mask in pipeline.eval_batches(split, config.train.eval_batch_size,
+                                                      jax.process_index(), jax.process_count()):
+      batch = parallel.global_batch({'image': images, 'label': labels, 'mask': mask}, mesh)
+      acc = merge(acc, p_eval_step(state, batch['image'], batch['label'], batch['mask']))
+    return {k: float(v) for k, v in acc.compute().items()}
+
+  def check_finite(step: int) -> int:
+    bad = int(state.first_nonfinite)
+    if bad >= 0 and config.train.on_nonfinite == 'stop':
+      manager.wait_until_finished()
+      last = manager.latest_step()
+      raise NonFiniteError(
+          f'non-finite loss or gradient at step {bad} (train.on_nonfinite=stop); the last good '
+          f'checkpoint is step {last} in {workdir}/checkpoints. Lower optim.lr, enable optim.clip, '
+          'or set train.on_nonfinite=skip to skip such updates.')
+    return bad
+
+  def save(step: int) -> None:
+    check_finite(step)
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  step = int(state.step)
+  start_step, t0 = step, time.time()
+  throughput = _Throughput(step, batch_size)
+  with _PreemptionFlag() as preemption:
+    while step < total_steps:
+      epoch = step // steps_per_epoch
+      order = pipeline.train_batch_indices(len(train_split.labels), batch_size, config.seed, epoch)
+      for i in range(step % steps_per_epoch, steps_per_epoch):
+        idx = order[i][rows]
+        batch = parallel.global_batch({'image': train_split.images[idx], 'label': train_split.labels[idx]}, mesh)
+        state = p_train_step(state, batch['image'], batch['label'], rng)
+        step += 1
+        epoch_end = step % steps_per_epoch == 0
+        if step % config.train.log_every_steps == 0 or epoch_end or step == total_steps:
+          values = {k: float(v) for k, v in state.metrics.compute().items()}
+          check_finite(step)
+          ips = throughput.window(step)
+          values.update(lr=float(lr_schedule(step - 1)), images_per_sec=ips)
+          log.write('train', step, step / steps_per_epoch, values)
+          logging.info('step %d/%d (epoch %.2f) loss %.4f acc %.4f gnorm %.3g | %.0f img/s | ETA %s',
+                       step, total_steps, step / steps_per_epoch, values['loss'], values['accuracy'],
+                       values['grad_norm'], ips, _format_eta((total_steps - step) * batch_size / max(ips, 1e-9)))
+          state = state.replace(metrics=jax.device_put(TrainMetrics.empty(), repl),
+                                first_nonfinite=jax.device_put(-jnp.ones((), jnp.int32), repl))
+        if config.train.monitor_every_steps and step % config.train.monitor_every_steps == 0:
+          with throughput.pause(state):
+            log.write('layers', step, step / steps_per_epoch,
+                      {k: float(v) for k, v in monitor.summarize_layers(state.opt_state).items()})
+        if epoch_end:
+          with throughput.pause(state):
+            val = evaluate(splits.val)
+          log.write('val', step, step / steps_per_epoch, val)
+          logging.info('epoch %d: val loss %.4f acc %.4f', step // steps_per_epoch, val['loss'], val['accuracy'])
+        if preemption.signum is None and jax.process_count() > 1 and step % config.train.log_every_steps == 0:
+          preemption.signum = int(multihost_utils.process_allgather(np.int32(preemption.signum or 0)).max()) or None
+        if (step % config.train.checkpoint_every_steps == 0 or epoch_end or step == total_steps
+            or preemption.signum is not None):
+          with throughput.pause(state):
+            save(step)
+        if preemption.signum is not None:
+          manager.wait_until_finished()
+          raise Preempted(step, preemption.signum)
+        if step >= total_steps:
+          break
+  manager.wait_until_finished()
+
+  summary_path = workdir / 'summary.json'
+  if step == start_step and summary_path.exists():
+    return metrics_io.read_json(summary_path)  # already finished: nothing to redo
+  test = evaluate(splits.test)
+  log.write('test', step, step / steps_per_epoch, test)
+  train_time = time.time() - t0
+  summary = {
+      'config': config.to_dict(),
+      'test_accuracy': test['accuracy'],
+      'test_loss': test['loss'],
+      'epochs': step / steps_per_epoch,
+      'steps': step,
+      'wall_time_s': train_time,
+      'images_per_sec': throughput.steady(),
+      'device_kind': jax.devices()[0].device_kind,
+      'num_devices': jax.device_count(),
+      'num_params': int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params))),
+      **_peak_memory(),
+  }
+  if is_chief:
+    summary.update(_summarize_run(list(metrics_io.read_jsonl(log.path))))
+    metrics_io.write_json_atomic(summary_path, summary)
+  log.close()
+  logging.info('test accuracy %.4f; summary in %s', test['accuracy'], summary_path)
+  return summary
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, shardings) -> TrainState:
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(target))
+  except Exception as e:  # orbax raises many types for unreadable or mismatched files
+    raise CheckpointError(
+        f'cannot restore checkpoint step {step} from {manager.directory}: {type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}. Delete that step directory to resume from an '
+        'earlier one, or pass --config.train.overwrite=True to start afresh.') from e
+
+
+def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState, shardings) -> TrainState:
+  from normjax import pretrained  # pylint: disable=g-import-not-at-top  (torch only when needed)
+  if config.model.name != 'mobilenet_v2':
+    raise config_schema.ConfigError(
+        f'config.model.pretrained = {config.model.pretrained!r}: pretrained weights exist only for '
+        f'model.name=mobilenet_v2, not {config.model.name!r}; use pretrained=none')
+  variables = pretrained.load_pretrained_backbone(
+      config.model.pretrained, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
+  state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+  return jax.device_put(state, shardings)
+

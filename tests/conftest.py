@@ -1,0 +1,25 @@
+"""Shared pytest fixtures."""
+import os
+import pathlib
+
+import pytest
+
+from normjax.data import pipeline
+
+
+@pytest.fixture(scope='session')
+def shared_data_dir() -> pathlib.Path:
+  """The offline datasets folder (cifar10-jpeg.tar.gz, fashion-mnist/), from the env."""
+  path = os.environ.get(pipeline.ENV_DATA_DIR)
+  if not path:
+    pytest.fail(f'Set {pipeline.ENV_DATA_DIR} to the folder holding cifar10-jpeg.tar.gz '
+                'and fashion-mnist/ (the project\'s shared/data) to run the real-data tests.')
+  if not pathlib.Path(path).is_dir():
+    pytest.fail(f'{pipeline.ENV_DATA_DIR}={path!r} is not a directory.')
+  return pathlib.Path(path)
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """A tfds data_dir for this session, so each real dataset is prepared once."""
+  return tmp_path_factory.mktemp('tfds')

@@ -1,0 +1,39 @@
+"""`python -m normjax.main`: bad input gets one clear line naming the field and the allowed values."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_main(*args, env=None, timeout=120):
+  full_env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **(env or {})}
+  return subprocess.run([sys.executable, '-m', 'normjax.main', *args], capture_output=True, text=True,
+                        env=full_env, timeout=timeout)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.train.bogus=1', 'normjax: error: config.train.bogus: unknown field; allowed: train.batch_size'),
+    ('--config.model.name=resnet', "normjax: error: config.model.name = 'resnet' is not allowed; expected one "
+     'of: lightcnn, mobilenet_v2, nf_mobilenet_v2'),
+    ('--config.model.norm=batchnorm', "config.model.norm = 'batchnorm' is not allowed; expected one of: bn, gn, frn, none"),
+    ('--config.data.name=imagenet', "config.data.name = 'imagenet' is not allowed"),
+    ('--config.train.batch_size=0', 'config.train.batch_size = 0 is not allowed; expected an integer > 0'),
+    ('--config.optim.lr=-0.1', 'config.optim.lr = -0.1 is not allowed; expected a number > 0'),
+])
+def test_bad_config_is_one_line_error(tmp_path, override, message):
+  result = run_main('--config=configs/smoke.py', f'--workdir={tmp_path}', override)
+  assert result.returncode == 2, result.stderr
+  assert message in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def test_missing_dataset_says_how_to_provide_it(tmp_path):
+  result = run_main('--config=configs/smoke.py', f'--workdir={tmp_path}/run',
+                    f'--config.data.tfds_dir={tmp_path}/tfds', f'--config.data.source={tmp_path}/nothing',
+                    env={'NORMJAX_DATA_DIR': ''})
+  assert result.returncode == 2, result.stderr
+  assert 'Traceback' not in result.stderr
+  error = [l for l in result.stderr.splitlines() if l.startswith('normjax: error:')]
+  assert len(error) == 1
+  assert 'data.source' in error[0] and 'NORMJAX_DATA_DIR' in error[0]

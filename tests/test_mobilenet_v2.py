@@ -1,0 +1,158 @@
+"""MobileNetV2Features: torchvision's layout at every width, residuals, CIFAR stem, freezing, dtype."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from normjax.models.classifier import Classifier
+from normjax.models.heads import LinearHead
+from normjax.models.mobilenet_v2 import (InvertedResidual, MobileNetV2Features, block_specs,
+                                         has_residual, last_channels, make_divisible, mobilenet_v2)
+from normjax.models.norms import make_norm
+from normjax.pretrained import _torch_shape, torch_key
+from torch_reference import MobileNetV2 as TorchMobileNetV2
+
+BN = functools.partial(make_norm, 'bn')
+
+
+def _init_shapes(module, image_size=32):
+  return jax.eval_shape(lambda: module.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False))
+
+
+@pytest.mark.parametrize('width_mult', [0.35, 0.5, 0.75, 1.0, 1.4])
+def test_layout_matches_torchvision_state_dict(width_mult):
+  # Same keys and shapes as torchvision's state_dict proves channel rounding and layout.
+  variables = traverse_util.flatten_dict(_init_shapes(mobilenet_v2(10, width_mult)))
+  ours = {torch_key(k[0], k[1:]): _torch_shape(v.shape) for k, v in variables.items()}
+  ref = {k: tuple(v.shape)
+         for k, v in TorchMobileNetV2(10, width_mult).state_dict().items()
+         if not k.endswith('num_batches_tracked')}
+  assert ours == ref
+
+
+@pytest.mark.parametrize('width_mult,stem,last,stage_out', [
+    # torchvision _make_divisible(c * width_mult, 8) of (32, 1280, 16, 24, 32, 64, 96, 160, 320).
+    (0.5, 16, 1280, (8, 16, 16, 32, 48, 80, 160)),
+    (0.75, 24, 1280, (16, 24, 24, 48, 72, 120, 240)),
+    (1.4, 48, 1792, (24, 32, 48, 88, 136, 224, 448)),
+])
+def test_width_rounding(width_mult, stem, last, stage_out):
+  specs = block_specs(width_mult)
+  assert make_divisible(32 * width_mult) == stem
+  assert last_channels(width_mult) == last
+  stage_starts = (0, 1, 3, 6, 10, 13, 16)  # cumulative n of torchvision's (t, c, n, s) settings
+  assert tuple(specs[i].out_channels for i in stage_starts) == stage_out
+
+
+def test_residual_blocks_match_torchvision():
+  torch_blocks = TorchMobileNetV2().features[1:18]
+  specs = block_specs()
+  assert [has_residual(s) for s in specs] == [b.use_res_connect for b in torch_blocks]
+  assert [s.index for s in specs if has_residual(s)] == [3, 5, 6, 8, 9, 10, 12, 13, 15, 16]
+
+
+@pytest.mark.parametrize('index,residual', [(3, True), (2, False), (1, False)])
+def test_residual_adds_block_input(index, residual):
+  # With the last BN's scale and bias zeroed the branch outputs 0, so a block returns
+  # its input iff it has the skip connection.
+  spec = block_specs()[index - 1]
+  block = InvertedResidual(spec, BN(train=False))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, spec.in_channels))
+  variables = block.init(jax.random.key(1), x)
+  last_bn = f'conv_{3 if spec.expand_ratio != 1 else 2}'
+  params = traverse_util.flatten_dict(variables['params'])
+  params = {k: jnp.zeros_like(v) if k[0] == last_bn else v for k, v in params.items()}
+  y = block.apply({**variables, 'params': traverse_util.unflatten_dict(params)}, x)
+  assert y.shape[-1] == spec.out_channels
+  np.testing.assert_array_equal(y, x if residual else jnp.zeros_like(y))
+
+
+@pytest.mark.parametrize('cifar_stem,hw', [(True, 4), (False, 1)])
+def test_cifar_stem_output_size(cifar_stem, hw):
+  backbone = MobileNetV2Features(norm=BN, width_mult=0.35, cifar_stem=cifar_stem)
+  out = jax.eval_shape(lambda: backbone.init_with_output(
+      jax.random.key(0), jnp.zeros((2, 32, 32, 3)), train=False)[0])
+  assert out.shape == (2, hw, hw, 1280)
+
+
+@pytest.fixture(scope='module')
+def small():
+  """(x, variables) of mobilenet_v2(10, width_mult=0.35) on 32x32 images (init compiles slowly)."""
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  model = mobilenet_v2(10, width_mult=0.35)
+  return x, jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
+
+
+def _train_step_effects(trainable_blocks, x, variables):
+  """(grads, old batch_stats, new batch_stats) of one train-mode step of the small network."""
+  model = Classifier(backbone=MobileNetV2Features(norm=BN, width_mult=0.35,
+                                                  trainable_blocks=trainable_blocks),
+                     head=LinearHead(10))
+  labels = jnp.arange(x.shape[0])
+
+  def loss_fn(params):
+    logits, updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                                  train=True, mutable=['batch_stats'],
+                                  rngs={'dropout': jax.random.key(2)})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates
+
+  grads, updates = jax.jit(jax.grad(loss_fn, has_aux=True))(variables['params'])
+  return grads, variables['batch_stats'], updates['batch_stats']
+
+
+def _per_block(tree, fn):
+  """{block index: fn(leaves of features_<index>)} for the backbone subtree."""
+  return {int(name.split('_')[1]): fn(jax.tree.leaves(sub)) for name, sub in tree['backbone'].items()}
+
+
+@pytest.mark.parametrize('trainable_blocks', [3, 0, -1])
+def test_trainable_blocks_freezes_gradients_and_batch_stats(trainable_blocks, small):
+  grads, old_stats, new_stats = _train_step_effects(trainable_blocks, *small)
+  first = {3: 16, 0: 19, -1: 0}[trainable_blocks]
+  zero_grad = _per_block(grads, lambda leaves: all(not np.any(g) for g in leaves))
+  any_zero_leaf = _per_block(grads, lambda leaves: any(not np.any(g) for g in leaves))
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), old_stats, new_stats)
+  stats_frozen = _per_block(changed, lambda leaves: not any(leaves))
+  stats_all_updated = _per_block(changed, all)
+  for i in range(19):
+    if i < first:
+      assert zero_grad[i] and stats_frozen[i], f'features_{i} should be frozen'
+    else:
+      assert not any_zero_leaf[i] and stats_all_updated[i], f'features_{i} should train'
+  assert all(np.any(g) for g in jax.tree.leaves(grads['head']))
+
+
+def test_trainable_blocks_out_of_range():
+  backbone = MobileNetV2Features(norm=BN, width_mult=0.35, trainable_blocks=20)
+  with pytest.raises(ValueError, match='trainable_blocks must be -1 .* got 20'):
+    backbone.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+
+
+def test_classifier_pools_backbone_features_into_head(small):
+  x, variables = small
+  model = mobilenet_v2(10, width_mult=0.35)
+  logits, state = jax.jit(functools.partial(model.apply, train=False, capture_intermediates=True))(
+      variables, x)
+  features = state['intermediates']['backbone']['__call__'][0]
+  head = variables['params']['head']['out']
+  np.testing.assert_allclose(logits, features.mean((1, 2)) @ head['kernel'] + head['bias'],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(small):
+  x, variables = small
+  model32 = mobilenet_v2(10, width_mult=0.35)
+  model16 = mobilenet_v2(10, width_mult=0.35, dtype=jnp.bfloat16)
+  shapes = jax.eval_shape(functools.partial(model16.init, train=False), jax.random.key(1), x)
+  assert {a.dtype for a in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
+  logits16, state = jax.jit(functools.partial(model16.apply, train=False,
+                                              capture_intermediates=True))(variables, x)
+  logits32 = jax.jit(functools.partial(model32.apply, train=False))(variables, x)
+  assert logits16.dtype == jnp.float32
+  assert state['intermediates']['backbone']['__call__'][0].dtype == jnp.bfloat16
+  np.testing.assert_allclose(logits16, logits32, atol=0.05 * float(jnp.abs(logits32).max()))
