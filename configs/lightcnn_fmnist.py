@@ -3,8 +3,9 @@ r"""LightCNN (6,218 params) on Fashion-MNIST with the study's MNIST schedule: Ad
   NORMJAX_DATA_DIR=../shared/data python -m normjax.main \
       --config=configs/lightcnn_fmnist.py --workdir=workdir/lightcnn_fmnist
 
-The study (section 4) reports 98.61% on MNIST; Fashion-MNIST is harder. Measured
-on 2 CPU cores: see README "Results" (test accuracy, wall time).
+Expected: test accuracy 0.888 on the real Fashion-MNIST test set (best val 0.896),
+6,218 params, 1,174 s on 2 CPU cores (measured 2026-11-24, README "Results").
+The study (section 4) reports 98.61% on MNIST; Fashion-MNIST is harder.
 """
 from configs import base
 

@@ -5,6 +5,7 @@ rules. `tests/test_config_schema.py` asserts both name exactly the same fields.
 """
 import importlib.util
 import pathlib
+import sys
 from typing import Any, Callable
 
 import ml_collections
@@ -146,6 +147,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def make_configs_importable(config_file: str) -> None:
+  """Config files say `from configs import base`: put the folder holding `configs/` on sys.path."""
+  root = str(pathlib.Path(config_file.partition(':')[0]).absolute().parent.parent)
+  if root not in sys.path:
+    sys.path.insert(0, root)
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Imports a configs/*.py file and returns its validated `get_config()`.
 
@@ -155,6 +163,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   file = pathlib.Path(path)
   if not file.is_file():
     raise ConfigError(f'--config: no such config file {path!r}')
+  make_configs_importable(path)
   module_spec = importlib.util.spec_from_file_location(f'normjax_config_{file.stem}', file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

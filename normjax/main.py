@@ -36,6 +36,8 @@ def _fail(message: str) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl parsing, with unknown --config.<field> overrides reported by name instead of a traceback."""
   for arg in argv[1:]:
+    if arg.startswith('--config='):
+      config_schema.make_configs_importable(arg[len('--config='):])
     if arg.startswith('--config.'):
       path = arg[len('--config.'):].split('=', 1)[0]
       if path not in config_schema.SCHEMA:

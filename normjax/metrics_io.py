@@ -52,8 +52,8 @@ def _to_builtin(x: Any) -> Any:
 def _tensorboard_writer(workdir: pathlib.Path):
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  except ImportError:  # clu.metric_writers needs TensorFlow
-    logging.info('TensorFlow not importable: writing metrics.jsonl only (no TensorBoard events).')
+  except ImportError as e:  # clu.metric_writers needs tensorflow and tensorboard
+    logging.info('No TensorBoard events (%s); metrics.jsonl has every record.', e)
     return None
   return metric_writers.SummaryWriter(str(workdir / 'tensorboard'))
 
@@ -69,9 +69,8 @@ class MetricsLog:
   def write(self, kind: str, step: int, epoch: float, values: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    record = {'kind': kind, 'step': int(step), 'epoch': float(epoch)}
-    record.update({k: _to_builtin(v) if not isinstance(v, (int, float, str, bool)) else v
-                   for k, v in values.items()})
+    values = {k: v if isinstance(v, (int, float, str, bool)) else _to_builtin(v) for k, v in values.items()}
+    record = {'kind': kind, 'step': int(step), 'epoch': float(epoch), **values}
     line = json.dumps(record, sort_keys=True) + '\n'
     # One write() on an O_APPEND descriptor: a crash leaves whole lines plus at most one torn line.
     fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -81,13 +80,13 @@ class MetricsLog:
     finally:
       os.close(fd)
     if self._tb is not None:
-      scalars = {f'{kind}/{k}': v for k, v in values.items() if isinstance(v, (int, float))}
-      self._tb.write_scalars(step, scalars)
-      if kind == 'layers':
+      if kind == 'layers':  # hundreds of per-layer values: one histogram per statistic
         groups: dict[str, list[float]] = {}
         for k, v in values.items():
           groups.setdefault(k.split('/', 1)[0], []).append(v)
         self._tb.write_histograms(step, {f'layers/{k}': np.asarray(v) for k, v in groups.items()})
+      else:
+        self._tb.write_scalars(step, {f'{kind}/{k}': v for k, v in values.items() if isinstance(v, (int, float))})
       self._tb.flush()
 
   def truncate_after(self, step: int) -> None:

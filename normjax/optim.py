@@ -17,7 +17,6 @@ from normjax import monitor
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('constant', 'cosine')
 CLIPS = ('none', 'global_norm', 'agc')
-LABELS = ('frozen', 'backbone', 'head')
 _BLOCK = re.compile(r'features_(\d+)')
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from normjax.config_schema import ConfigError
@@ -70,3 +71,21 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   """Assembles each process's rows into one global array sharded on `data`."""
   sharding = data_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def local_sum(x: jax.Array) -> float:
+  """Sum of the rows of a batch-sharded array that live on this process (each row once)."""
+  seen, total = set(), 0.0
+  for shard in x.addressable_shards:
+    key = tuple((i.start, i.stop) for i in shard.index)
+    if key not in seen:  # replicas of the same rows count once
+      seen.add(key)
+      total += float(np.asarray(shard.data, np.float64).sum())
+  return total
+
+
+def sum_over_processes(x: np.ndarray) -> np.ndarray:
+  """Element-wise sum of a host array across all processes."""
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)

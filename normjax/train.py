@@ -5,13 +5,14 @@ window is part of the checkpointed state, so a run killed at any step and
 resumed ends bit-identical to an uninterrupted one.
 """
 import contextlib
+import dataclasses
 import functools
 import pathlib
 import resource
 import shutil
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -62,12 +63,6 @@ class TrainMetrics(clu_metrics.Collection):
   param_norm: clu_metrics.Average
   update_norm: clu_metrics.Average
   nonfinite: clu_metrics.Average  # fraction of steps with a NaN/inf loss or gradient
-
-
-@flax.struct.dataclass
-class EvalMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average
-  accuracy: clu_metrics.Accuracy
 
 
 @flax.struct.dataclass
@@ -132,11 +127,16 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
-              model, preprocess) -> EvalMetrics:
+              model, preprocess) -> dict[str, jax.Array]:
+  """Per-example masked loss and correctness, left sharded like the batch.
+
+  Summing on the host instead of in the step keeps eval free of device collectives
+  (on CPU with more fake devices than cores, XLA's in-process all-reduce can starve).
+  """
   logits = model.apply(_variables(state.params, state.batch_stats), preprocess(images), train=False)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  mask = mask.astype(bool)
-  return EvalMetrics.empty().replace(loss=_average(loss, mask), accuracy=_accuracy(logits, labels, mask))
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return {'loss': jnp.where(mask, loss, 0.0), 'correct': jnp.where(mask, correct, 0.0)}
 
 
 class _PreemptionFlag:
@@ -242,6 +242,52 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
 
 
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The jitted programs of one config on one mesh (shared by the loop and the benchmarks)."""
+  model: Any
+  tx: Any
+  abstract_state: TrainState
+  shardings: Any
+  init: Callable[[jax.Array], TrainState]                   # rng -> state
+  train_step: Callable[..., TrainState]                      # (state, images, labels, rng) -> state; donates
+  eval_step: Callable[..., dict[str, jax.Array]]             # (state, images, labels, mask) -> per example
+  reset_window: Callable[[TrainState], TrainState]           # empties the logged metric window; donates
+
+
+def build_programs(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple[int, int, int],
+                   mean: tuple[float, ...], std: tuple[float, ...], steps_per_epoch: int,
+                   mesh: jax.sharding.Mesh) -> Programs:
+  """Model, optimizer and the train/eval steps jitted with the batch sharded over `mesh`."""
+  model = create_model(config, num_classes)
+  abstract_params = jax.eval_shape(
+      lambda r: model.init({'params': r, 'dropout': r}, jnp.zeros((1, *image_shape)), train=False),
+      jax.random.PRNGKey(0))['params']
+  tx = optim.make_optimizer(config, abstract_params, steps_per_epoch=steps_per_epoch)
+  init = functools.partial(init_state, model, tx, image_shape)
+  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
+  shardings = parallel.state_sharding(abstract_state, mesh)
+  data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
+  norm_stats = dict(mean=mean, std=std, image_size=image_shape[0])
+  train_fn = functools.partial(
+      train_step, model=model, tx=tx, skip_nonfinite=config.train.on_nonfinite == 'skip',
+      preprocess=functools.partial(augment.train_preprocess, padding=config.data.crop_padding,
+                                   augment=config.data.augment, **norm_stats))
+  eval_fn = functools.partial(eval_step, model=model,
+                              preprocess=functools.partial(augment.eval_preprocess, **norm_stats))
+  return Programs(
+      model=model, tx=tx, abstract_state=abstract_state, shardings=shardings,
+      init=jax.jit(init, out_shardings=shardings),
+      train_step=jax.jit(train_fn, in_shardings=(shardings, data, data, repl), out_shardings=shardings,
+                         donate_argnums=0),
+      eval_step=jax.jit(eval_fn, in_shardings=(shardings, data, data, data), out_shardings=data),
+      reset_window=jax.jit(_reset_window, out_shardings=shardings, donate_argnums=0))
+
+
+def _reset_window(state: TrainState) -> TrainState:
+  return state.replace(metrics=TrainMetrics.empty(), first_nonfinite=-jnp.ones((), jnp.int32))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains config's model, evaluates on validation each epoch and on test at the end.
 
@@ -271,29 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   size = config.data.image_size
   image_shape = (size, size, train_split.images.shape[-1])
 
-  model = create_model(config, splits.num_classes)
+  programs = build_programs(config, splits.num_classes, image_shape, splits.mean, splits.std,
+                            steps_per_epoch, mesh)
   rng = jax.random.PRNGKey(config.seed)
-  abstract_params = jax.eval_shape(
-      lambda r: model.init({'params': r, 'dropout': r}, jnp.zeros((1, *image_shape)), train=False), rng
-  )['params']
-  tx = optim.make_optimizer(config, abstract_params, steps_per_epoch=steps_per_epoch)
-  init = functools.partial(init_state, model, tx, image_shape)
-  abstract_state = jax.eval_shape(init, rng)
-  shardings = parallel.state_sharding(abstract_state, mesh)
-  data = parallel.data_sharding(mesh)
-  repl = parallel.replicated(mesh)
-
-  norm_stats = dict(mean=splits.mean, std=splits.std, image_size=size)
-  p_train_step = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, skip_nonfinite=config.train.on_nonfinite == 'skip',
-                        preprocess=functools.partial(augment.train_preprocess, padding=config.data.crop_padding,
-                                                     augment=config.data.augment, **norm_stats)),
-      in_shardings=(shardings, data, data, repl), out_shardings=shardings, donate_argnums=0)
-  p_eval_step = jax.jit(
-      functools.partial(eval_step, model=model,
-                        preprocess=functools.partial(augment.eval_preprocess, **norm_stats)),
-      in_shardings=(shardings, data, data, data), out_shardings=repl)
-  merge = jax.jit(lambda a, b: a.merge(b))
+  shardings = programs.shardings
+  p_train_step, p_eval_step = programs.train_step, programs.eval_step
   lr_schedule = optim.learning_rate_schedule(config.optim.lr, config, steps_per_epoch)
 
   manager = ocp.CheckpointManager(
@@ -302,22 +330,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log = metrics_io.MetricsLog(workdir, enabled=is_chief)
   latest = manager.latest_step()
   if latest is None:
-    state = jax.jit(init, out_shardings=shardings)(rng)
+    state = programs.init(rng)
     if config.model.pretrained != 'none':
       state = _load_pretrained(config, state, shardings)
     log.truncate_after(0)
   else:
-    state = _restore(manager, latest, abstract_state, shardings)
+    state = _restore(manager, latest, programs.abstract_state, shardings)
     log.truncate_after(latest)
     logging.info('resumed from %s/checkpoints at step %d', workdir, latest)
 
   def evaluate(split: pipeline.ArraySplit) -> dict[str, float]:
-    acc = EvalMetrics.empty()
+    outputs, count = [], 0
     for images, labels, mask in pipeline.eval_batches(split, config.train.eval_batch_size,
                                                       jax.process_index(), jax.process_count()):
       batch = parallel.global_batch({'image': images, 'label': labels, 'mask': mask}, mesh)
-      acc = merge(acc, p_eval_step(state, batch['image'], batch['label'], batch['mask']))
-    return {k: float(v) for k, v in acc.compute().items()}
+      outputs.append(p_eval_step(state, batch['image'], batch['label'], batch['mask']))
+      count += int(mask.sum())
+    local = np.array([sum(parallel.local_sum(o['loss']) for o in outputs),
+                      sum(parallel.local_sum(o['correct']) for o in outputs), count], np.float64)
+    loss, correct, n = parallel.sum_over_processes(local)
+    return {'loss': loss / n, 'accuracy': correct / n}
 
   def check_finite(step: int) -> int:
     bad = int(state.first_nonfinite)
@@ -348,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step += 1
         epoch_end = step % steps_per_epoch == 0
         if step % config.train.log_every_steps == 0 or epoch_end or step == total_steps:
-          values = {k: float(v) for k, v in state.metrics.compute().items()}
+          values = jax.device_get(state.metrics.compute())
           check_finite(step)
           ips = throughput.window(step)
           values.update(lr=float(lr_schedule(step - 1)), images_per_sec=ips)
@@ -356,12 +388,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           logging.info('step %d/%d (epoch %.2f) loss %.4f acc %.4f gnorm %.3g | %.0f img/s | ETA %s',
                        step, total_steps, step / steps_per_epoch, values['loss'], values['accuracy'],
                        values['grad_norm'], ips, _format_eta((total_steps - step) * batch_size / max(ips, 1e-9)))
-          state = state.replace(metrics=jax.device_put(TrainMetrics.empty(), repl),
-                                first_nonfinite=jax.device_put(-jnp.ones((), jnp.int32), repl))
+          state = programs.reset_window(state)
         if config.train.monitor_every_steps and step % config.train.monitor_every_steps == 0:
           with throughput.pause(state):
             log.write('layers', step, step / steps_per_epoch,
-                      {k: float(v) for k, v in monitor.summarize_layers(state.opt_state).items()})
+                      jax.device_get(monitor.summarize_layers(state.opt_state)))
         if epoch_end:
           with throughput.pause(state):
             val = evaluate(splits.val)
@@ -427,5 +458,6 @@ def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState, shard
   variables = pretrained.load_pretrained_backbone(
       config.model.pretrained, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
   state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
-  return jax.device_put(state, shardings)
+  # jit (not device_put) places host values identically on every process of a multi-host run.
+  return jax.jit(lambda s: s, out_shardings=shardings)(state)
 

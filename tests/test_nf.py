@@ -15,6 +15,18 @@ from normjax.models.heads import LinearHead
 from normjax.models.mobilenet_v2 import BlockSpec, block_specs
 
 WIDTH = 0.5  # small net for speed; last_channels(0.5) is still 1280 (torchvision)
+# Whole-network programs here run once or twice: skipping LLVM optimization halves their compile.
+jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+standardize = jax.jit(nf.standardize_weight)
+
+
+def normal(seed, shape, scale=1.0, loc=0.0):
+  """NumPy test inputs: jax.random would compile one sampler per shape."""
+  return (loc + scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+def uniform(seed, shape, low, high):
+  return np.random.default_rng(seed).uniform(low, high, shape).astype(np.float32)
 
 
 def np_standardize(kernel, gain, eps=1e-4):
@@ -28,54 +40,52 @@ def np_standardize(kernel, gain, eps=1e-4):
 
 @pytest.mark.parametrize('shape', [(3, 3, 4, 8), (1, 1, 16, 24), (3, 3, 1, 12)])
 def test_standardized_kernel_zero_mean_unit_fan_in_variance(shape):
-  kernel = 3.0 * jax.random.normal(jax.random.key(0), shape) + 1.0
-  w = np.asarray(nf.standardize_weight(kernel, jnp.ones(shape[-1])), np.float64)
+  kernel = normal(0, shape, scale=3.0, loc=1.0)
+  w = np.asarray(standardize(kernel, np.ones(shape[-1], np.float32)), np.float64)
   axes = (0, 1, 2)
   fan_in = shape[0] * shape[1] * shape[2]  # depthwise (k, k, 1, C): fan_in = k * k = 9
   np.testing.assert_allclose(w.mean(axes), 0.0, atol=1e-6)
   np.testing.assert_allclose(w.var(axes) * fan_in, 1.0, rtol=1e-5)
-  gain = jax.random.uniform(jax.random.key(1), (shape[-1],), minval=0.5, maxval=2.0)
-  np.testing.assert_allclose(nf.standardize_weight(kernel, gain), np_standardize(kernel, gain),
+  gain = uniform(1, (shape[-1],), 0.5, 2.0)
+  np.testing.assert_allclose(standardize(kernel, gain), np_standardize(kernel, gain),
                              rtol=1e-5, atol=1e-6)
 
 
 def test_standardize_floor_engages_for_constant_and_tiny_variance_kernels():
-  gain = jnp.full((8,), 2.0)
-  const = jnp.full((3, 3, 4, 8), 0.5)
-  w = nf.standardize_weight(const, gain)
+  gain = np.full((8,), 2.0, np.float32)
+  const = np.full((3, 3, 4, 8), 0.5, np.float32)
+  w = standardize(const, gain)
   assert np.isfinite(np.asarray(w)).all()
   np.testing.assert_allclose(w, 0.0, atol=1e-6)  # (w - mean) = 0; no 0/0 NaN
-  grad = jax.grad(lambda k: jnp.sum(nf.standardize_weight(k, gain) ** 2))(const)
+  grad = jax.jit(jax.grad(lambda k: jnp.sum(nf.standardize_weight(k, gain) ** 2)))(const)
   assert np.isfinite(np.asarray(grad)).all()
   # fan_in * var = 36 * 1e-8 < eps: the scale is rsqrt(eps) = 100, not rsqrt(fan_in * var).
-  tiny = 1e-4 * jax.random.normal(jax.random.key(0), const.shape)
-  mean = jnp.mean(tiny, axis=(0, 1, 2), keepdims=True)
-  np.testing.assert_allclose(nf.standardize_weight(tiny, gain), (tiny - mean) * 100.0 * gain,
+  tiny = normal(0, const.shape, scale=1e-4)
+  mean = np.mean(tiny, axis=(0, 1, 2), keepdims=True)
+  np.testing.assert_allclose(standardize(tiny, gain), (tiny - mean) * 100.0 * gain,
                              rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize('in_ch,features,kernel_size,strides,groups', [
     (4, 8, 3, 2, 1),     # dense 3x3 stride 2 (stem-like)
-    (6, 10, 1, 1, 1),    # pointwise expand / project
-    (12, 12, 3, 1, 12),  # depthwise, depthwise_conv2d path
-    (12, 12, 3, 2, 12),  # strided depthwise
-    (8, 4, 3, 1, 2),     # grouped, lax path
+    (6, 10, 1, 1, 1),    # pointwise expand / project: the matmul path
+    (12, 12, 3, 2, 12),  # depthwise (kernel (3, 3, 1, 12)): the depthwise_conv2d path
+    (8, 4, 3, 1, 2),     # grouped: the lax path
 ])
 def test_wsconv_matches_lax_conv_with_standardized_kernel(in_ch, features, kernel_size, strides,
                                                           groups):
-  x = jax.random.normal(jax.random.key(0), (2, 9, 9, in_ch))
+  x = normal(0, (2, 9, 9, in_ch))
   conv = nf.WSConv(features, kernel_size, strides, feature_group_count=groups)
-  params = conv.init(jax.random.key(1), x)['params']
+  params = jax.jit(conv.init)(jax.random.key(1), x)['params']
   assert set(params) == {'kernel', 'gain', 'bias'}
   assert params['kernel'].shape == (kernel_size, kernel_size, in_ch // groups, features)
   np.testing.assert_array_equal(params['gain'], 1.0)
   params = dict(params,
-                gain=jax.random.uniform(jax.random.key(2), (features,), minval=0.5, maxval=2.0),
-                bias=jax.random.normal(jax.random.key(3), (features,)))
-  y = conv.apply({'params': params}, x)
+                gain=uniform(2, (features,), 0.5, 2.0), bias=normal(3, (features,)))
+  y = jax.jit(conv.apply)({'params': params}, x)
   pad = (kernel_size - 1) // 2  # torch-style symmetric padding
   ref = lax.conv_general_dilated(
-      np.asarray(x, np.float64), np_standardize(params['kernel'], params['gain']),
+      x, np_standardize(params['kernel'], params['gain']).astype(np.float32),
       (strides, strides), ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       feature_group_count=groups, precision=lax.Precision.HIGHEST) + np.asarray(params['bias'])
   out = (9 + 2 * pad - kernel_size) // strides + 1
@@ -97,7 +107,7 @@ def test_relu6_gamma_reproduced_by_sampling():
   assert abs(nf.estimate_gamma(jax.nn.relu6, num_samples=2**20, seed=0) - 1.7131484746932983) < 1e-2
   # relu in closed form: Var[relu(z)] = 1/2 - 1/(2 pi).
   assert abs(nf.ACTIVATION_GAMMAS['relu'] - (0.5 - 0.5 / math.pi) ** -0.5) < 1e-2
-  z = jax.random.normal(jax.random.key(1), (2**20,))
+  z = normal(1, (2**20,))
   assert abs(float(jnp.var(nf.scaled_activation('relu6')(z))) - 1.0) < 1e-2
   with pytest.raises(ValueError, match="unknown name 'swish'"):
     nf.scaled_activation('swish')
@@ -131,12 +141,12 @@ def test_expected_variance_bookkeeping_matches_hand_computation():
 
 
 def _block_out(block, x, variables=None):
-  variables = variables or block.init(jax.random.key(0), x)
-  return block.apply(variables, x), variables
+  variables = variables or jax.jit(block.init)(jax.random.key(0), x)
+  return jax.jit(block.apply)(variables, x), variables
 
 
 def test_block_computes_h_plus_alpha_f_of_h_over_beta():
-  x = 1.5 * jax.random.normal(jax.random.key(1), (2, 6, 6, 16))
+  x = normal(1, (2, 6, 6, 16), scale=1.5)
   residual = BlockSpec(index=5, in_channels=16, out_channels=16, stride=1, expand_ratio=6)
   y, v = _block_out(nf.NFInvertedResidual(residual, beta=1.5, alpha=0.2), x)
   y_f, _ = _block_out(nf.NFInvertedResidual(residual, beta=1.0, alpha=1.0), x / 1.5, v)
@@ -177,14 +187,14 @@ def test_invalid_trainable_blocks_raises():
 @pytest.fixture(scope='module')
 def backbone_params():
   model = nf.NFMobileNetV2Features(width_mult=WIDTH, cifar_stem=True)
-  init = jax.jit(functools.partial(model.init, train=False))
+  init = jit(functools.partial(model.init, train=False))
   return init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
 
 
 def test_trainable_blocks_freezes_prefix(backbone_params):
   model = nf.NFMobileNetV2Features(width_mult=WIDTH, cifar_stem=True, trainable_blocks=2)
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({'params': p}, x, train=True) ** 2)))(
+  x = normal(1, (2, 32, 32, 3))
+  grads = jit(jax.grad(lambda p: jnp.mean(model.apply({'params': p}, x, train=True) ** 2)))(
       backbone_params)
   for i in range(19):
     norm = float(optax.tree.norm(grads[f'features_{i}']))
@@ -197,8 +207,8 @@ def test_trainable_blocks_freezes_prefix(backbone_params):
 def test_one_train_step_reduces_loss(backbone_params):
   model = Classifier(backbone=nf.NFMobileNetV2Features(width_mult=WIDTH, cifar_stem=True),
                      head=LinearHead(10))
-  x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
-  labels = jax.random.randint(jax.random.key(2), (16,), 0, 10)
+  x = normal(1, (16, 32, 32, 3))
+  labels = np.random.default_rng(2).integers(0, 10, 16)
   head = LinearHead(10).init(jax.random.key(3), jnp.zeros((1, 1280)), train=False)['params']
   params = {'backbone': backbone_params, 'head': head}
   abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
@@ -211,7 +221,7 @@ def test_one_train_step_reduces_loss(backbone_params):
 
   tx = optax.sgd(0.01)  # 0.1 overshoots: the grad norm at init is ~14
 
-  @jax.jit
+  @jit
   def step(p, opt_state, rng):
     loss, grads = jax.value_and_grad(loss_fn)(p, rng)
     updates, opt_state = tx.update(grads, opt_state, p)

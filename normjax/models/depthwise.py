@@ -1,12 +1,15 @@
 """Depthwise 2D convolution that is fast on CPU.
 
 XLA's CPU backend lowers a grouped convolution with feature_group_count=C to a
-slow generic loop (~10x slower than the dense equivalent per FLOP). A 3x3
-depthwise conv is only 9 per-channel multiply-adds, so on CPU we write it as a
-sum of shifted, strided slices of the padded input, which XLA fuses into one
-elementwise loop (and whose gradient is again a fused loop plus 9 reductions).
+slow generic loop (~10x slower than the formulation below). A kxk depthwise conv
+is k*k per-channel multiply-adds, so on CPU we write it as a sum of shifted,
+strided slices of the padded input, which XLA fuses into one elementwise loop.
+Its custom VJP keeps that shape: the input gradient is the same tap sum over the
+stride-dilated output gradient with the flipped kernel, and the kernel gradient
+is k*k reductions; autodiff of the slices would instead materialize every tap.
 On accelerators the native grouped convolution is used.
 """
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -32,27 +35,83 @@ def depthwise_conv2d_xla(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int,
       feature_group_count=x.shape[-1])
 
 
-def depthwise_conv2d_taps(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int,
-                          padding: int) -> jnp.ndarray:
-  """Depthwise conv as kh*kw shifted multiply-adds; same arguments as `depthwise_conv2d_xla`."""
+def _tap_sum(xp: jnp.ndarray, kernel: jnp.ndarray, stride: int,
+             out_hw: tuple[int, int]) -> jnp.ndarray:
+  """y[:, h, w] = sum_ij xp[:, i + stride * h, j + stride * w] * kernel[i, j, 0], in xp's dtype."""
   kh, kw, _, c = kernel.shape
-  if x.shape[-1] != c or kernel.shape[2] != 1:
-    raise ValueError(f'depthwise_conv2d: input {x.shape} needs kernel (kh, kw, 1, {x.shape[-1]}), '
-                     f'got {kernel.shape}')
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  n, hp, wp, _ = xp.shape
-  ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
-  # Accumulate in at least float32 (as XLA's conv does) so bfloat16 loses no precision.
-  acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  n, (ho, wo) = xp.shape[0], out_hw
   y = None
   for i in range(kh):
     for j in range(kw):
       tap = lax.slice(xp, (0, i, j, 0),
                       (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
                       (1, stride, stride, 1))
-      term = tap.astype(acc_dtype) * kernel[i, j, 0].astype(acc_dtype)
+      term = tap * kernel[i, j, 0]
       y = term if y is None else y + term
+  return y
+
+
+def _acc_dtype(dtype: Any) -> Any:
+  """Accumulate in at least float32 (as XLA's conv does), so bfloat16 loses no precision."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _pad_hw(x: jnp.ndarray, padding: int) -> jnp.ndarray:
+  return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+
+
+def _out_hw(x: jnp.ndarray, kernel: jnp.ndarray, stride: int, padding: int) -> tuple[int, int]:
+  return tuple((d + 2 * padding - k) // stride + 1 for d, k in zip(x.shape[1:3], kernel.shape[:2]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_taps(x, kernel, stride, padding):
+  acc = _acc_dtype(x.dtype)
+  y = _tap_sum(_pad_hw(x, padding).astype(acc), kernel.astype(acc), stride,
+               _out_hw(x, kernel, stride, padding))
   return y.astype(jnp.result_type(x.dtype, kernel.dtype))
+
+
+def _depthwise_taps_fwd(x, kernel, stride, padding):
+  return _depthwise_taps(x, kernel, stride, padding), (x, kernel)
+
+
+def _depthwise_taps_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  kh, kw, _, c = kernel.shape
+  n, h, w, _ = x.shape
+  ho, wo = dy.shape[1:3]
+  acc = _acc_dtype(dy.dtype)
+  dy32 = dy.astype(acc)
+  # dx[a] = sum_i dy_dilated[a + padding - i] * k[i]: dilate dy by the stride and pad it
+  # so that a stride-1 tap sum with the flipped kernel yields exactly the h x w gradient.
+  edges = [(k - 1 - padding, k - 1 - padding + (size + 2 * padding) - ((out - 1) * stride + k),
+            stride - 1) for size, out, k in ((h, ho, kh), (w, wo, kw))]
+  dyd = lax.pad(dy32, jnp.zeros((), acc), [(0, 0, 0), *edges, (0, 0, 0)])
+  dx = _tap_sum(dyd, kernel[::-1, ::-1].astype(acc), 1, (h, w))
+  # dk[i, j] = sum over n, h, w of tap_ij(x) * dy: one reduction per tap.
+  xp = _pad_hw(x, padding).astype(acc)
+  dk = jnp.stack([
+      jnp.sum(lax.slice(xp, (0, i, j, 0),
+                        (n, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, c),
+                        (1, stride, stride, 1)) * dy32, axis=(0, 1, 2))
+      for i in range(kh) for j in range(kw)])
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
+
+
+def depthwise_conv2d_taps(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int,
+                          padding: int) -> jnp.ndarray:
+  """Depthwise conv as k*k shifted multiply-adds (custom VJP; reverse-mode autodiff only).
+
+  Same arguments as `depthwise_conv2d_xla`.
+  """
+  if x.shape[-1] != kernel.shape[-1] or kernel.shape[2] != 1:
+    raise ValueError(f'depthwise_conv2d: input {x.shape} needs kernel (kh, kw, 1, {x.shape[-1]}), '
+                     f'got {kernel.shape}')
+  return _depthwise_taps(x, kernel, stride, padding)
 
 
 def depthwise_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int,

@@ -85,6 +85,24 @@ NUM_BLOCKS = 19  # torchvision features.0 .. features.18
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+class PointwiseConv(nn.Module):
+  """A bias-free 1x1 conv written as a (N*H*W, I) x (I, O) matmul; 'kernel' (1, 1, I, O) as flax Conv.
+
+  On CPU XLA runs the matmul and both its gradients as GEMMs, while a 1x1
+  convolution's gradients go through slower generic convolution code.
+  """
+  features: int
+  dtype: Any = jnp.float32
+  kernel_init: Callable[..., jnp.ndarray] = conv_init
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = x.reshape(-1, x.shape[-1]) @ kernel[0, 0]
+    return y.reshape(*x.shape[:-1], self.features)
+
+
 class ConvNormAct(nn.Module):
   """torchvision's Conv2dNormActivation with ReLU6: conv '0' (no bias), norm '1'."""
   features: int
@@ -97,7 +115,9 @@ class ConvNormAct(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     pad = (self.kernel_size - 1) // 2  # torchvision: padding = (kernel_size - 1) // 2
-    if self.depthwise:
+    if self.kernel_size == 1:
+      x = PointwiseConv(self.features, dtype=self.dtype, name='0')(x)
+    elif self.depthwise:
       x = DepthwiseConv(self.features, self.kernel_size, self.strides, pad, dtype=self.dtype,
                         kernel_init=conv_init, name='0')(x)
     else:
@@ -124,8 +144,7 @@ class InvertedResidual(nn.Module):
       m = 1
     y = ConvNormAct(hidden, 3, self.norm, strides=s.stride, depthwise=True, dtype=self.dtype,
                     name=f'conv_{m}')(y)
-    y = nn.Conv(s.out_channels, (1, 1), use_bias=False, dtype=self.dtype, kernel_init=conv_init,
-                name=f'conv_{m + 1}')(y)
+    y = PointwiseConv(s.out_channels, dtype=self.dtype, name=f'conv_{m + 1}')(y)
     y = self.norm(name=f'conv_{m + 2}')(y)
     if has_residual(s):
       y = x + y

@@ -55,7 +55,7 @@ def scaled_activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
 
 def estimate_gamma(fn: Callable[[jnp.ndarray], jnp.ndarray], num_samples: int = 2**20,
                    seed: int = 0) -> float:
-  """1 / std(fn(z)) for z ~ N(0, 1), by sampling (Brock et al. ICLR 2021, section 4)."""
+  """1 / std(fn(z)) for z ~ N(0, 1), by sampling, as Brock et al. (ICLR 2021) derive gammas."""
   z = jax.random.normal(jax.random.key(seed), (num_samples,), jnp.float32)
   return float(lax.rsqrt(jnp.var(fn(z))))
 
@@ -79,7 +79,8 @@ class WSConv(nn.Module):
 
   Torch-style explicit padding (k - 1) // 2. A depthwise conv
   (feature_group_count == input channels == features) has kernel (k, k, 1, C),
-  fan_in = k * k, and runs through `depthwise_conv2d` (fast on CPU).
+  fan_in = k * k, and runs through `depthwise_conv2d` (fast on CPU); a stride-1
+  1x1 conv runs as a matmul.
   """
   features: int
   kernel_size: int = 1
@@ -104,6 +105,9 @@ class WSConv(nn.Module):
     pad = (k - 1) // 2
     if groups > 1 and groups == in_ch == self.features:
       y = depthwise_conv2d(x, w, stride=self.strides, padding=pad)
+    elif k == 1 and groups == 1 and self.strides == 1:
+      # A matmul over channels: XLA:CPU runs a 1x1 conv's kernel gradient as a slow generic conv.
+      y = lax.dot_general(x, w[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
     else:
       y = lax.conv_general_dilated(x, w, window_strides=(self.strides, self.strides),
                                    padding=((pad, pad), (pad, pad)),
