@@ -133,8 +133,8 @@ def main(argv: list[str]) -> None:
                            else out.sum().item())
   print(f'MobileNetV2 width {_WIDTH.value} cifar_stem={_CIFAR_STEM.value}, batch {_BATCH.value}, '
         f'{_SIZE.value}x{_SIZE.value}, normjax {_DTYPE.value} (jax {jax.__version__}, '
-        f'{jax.default_backend()}), torch {torch.__version__} fp32 channels_last, {threads} threads; '
-        f'median of {_WINDOWS.value} windows x {_STEPS.value} steps', flush=True)
+        f'{jax.default_backend()}), torch {torch.__version__} fp32 channels_last, '
+        f'{threads} threads; median of {_WINDOWS.value} windows x {_STEPS.value} steps', flush=True)
   print(f'{"":8s}{"normjax img/s":>15s}{"torch img/s":>13s}{"ratio":>8s}')
   for mode in (0, 1):  # train, eval
     for steps, sync in frameworks.values():
@@ -145,8 +145,9 @@ def main(argv: list[str]) -> None:
         rates[name].append(_window(steps[mode], _STEPS.value, sync))
     med = {name: statistics.median(r) for name, r in rates.items()}
     ratio = med['normjax'] / med['torch'] if 'torch' in med else float('nan')
-    print(f'{("train", "eval")[mode]:8s}{med["normjax"]:15.1f}{med.get("torch", float("nan")):13.1f}'
-          f'{ratio:8.2f}', flush=True)
+    torch_rate = med.get('torch', float('nan'))
+    print(f'{("train", "eval")[mode]:8s}{med["normjax"]:15.1f}{torch_rate:13.1f}{ratio:8.2f}',
+          flush=True)
 
 
 if __name__ == '__main__':

@@ -22,22 +22,10 @@ import time
 
 from absl import app, flags
 
-_CONFIGS = flags.DEFINE_list('configs', None, 'Config specs (path[:arg]); an arg with commas is kept whole '
-                             'up to the next ".py".')
+_CONFIGS = flags.DEFINE_list('configs', None, 'Config specs (path[:arg]); commas inside an :arg stay with it.')
 _DEVICES = flags.DEFINE_list('devices', ['1'], 'Device counts to run each config on.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after 3 warm-up steps).')
 _WORKER = flags.DEFINE_string('worker', '', 'Internal: run one config in this process.')
-
-
-def _split_specs(items: list[str]) -> list[str]:
-  """Re-joins 'a.py:cpu', 'batch=8' (split by DEFINE_list at commas) into 'a.py:cpu,batch=8'."""
-  specs: list[str] = []
-  for item in items:
-    if '.py' in item or not specs:
-      specs.append(item)
-    else:
-      specs[-1] += ',' + item
-  return specs
 
 
 def _measure(spec: str, steps: int) -> dict:
@@ -76,10 +64,11 @@ def main(argv: list[str]) -> None:
   if _WORKER.value:
     print('RESULT ' + json.dumps(_measure(_WORKER.value, _STEPS.value)))
     return
+  from normjax import config_schema  # pylint: disable=g-import-not-at-top  (after sys.path is set)
   if not _CONFIGS.value:
     raise app.UsageError('--configs is required')
   rows = []
-  for spec in _split_specs(_CONFIGS.value):
+  for spec in config_schema.split_config_specs(','.join(_CONFIGS.value)):
     for n in _DEVICES.value:
       env = {**os.environ, 'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} '
                                         f'--xla_force_host_platform_device_count={n}'.strip()}

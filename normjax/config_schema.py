@@ -57,7 +57,8 @@ def _trainable_blocks() -> tuple[Callable[[Any], bool], str]:
 
 def _pretrained() -> tuple[Callable[[Any], bool], str]:
   return ((lambda v: isinstance(v, str) and v != ''),
-          'none, torchvision_v1, torchvision_v2 or a path to a ported checkpoint or .pth file')
+          'none, torchvision_v1, torchvision_v2, or a path: a normjax workdir, a ported checkpoint '
+          'or a .pth file')
 
 
 DATASETS = ('cifar10', 'cifar10_jpeg', 'fashion_mnist', 'fashion_mnist_idx')
@@ -145,6 +146,19 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not ok(flat[path]):
       raise ConfigError(f'config.{path} = {flat[path]!r} is not allowed; expected {allowed}')
   return config
+
+
+def split_config_specs(text: str) -> list[str]:
+  """'a.py:cpu,batch=8,b.py' -> ['a.py:cpu,batch=8', 'b.py']: commas inside a spec's :arg stay."""
+  specs: list[str] = []
+  for item in (i.strip() for i in text.split(',')):
+    if not item:
+      continue
+    if '.py' in item or not specs:
+      specs.append(item)
+    else:
+      specs[-1] += ',' + item
+  return specs
 
 
 def make_configs_importable(config_file: str) -> None:

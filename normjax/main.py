@@ -5,13 +5,12 @@ Any field can be overridden with `--config.<field>=<value>`, e.g.
 Multi-host: jax.distributed is initialized from the environment (TPU pods,
 SLURM, Open MPI) or from --coordinator_address/--num_processes/--process_id.
 """
-import logging as logging_std
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from normjax import config_schema, parallel, train
+from normjax import config_schema, metrics_io, parallel, train
 from normjax.data.pipeline import DatasetUnavailableError
 
 FLAGS = flags.FLAGS
@@ -50,15 +49,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(str(e))
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still pass)."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv: list[str]) -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  metrics_io.quiet_library_logs()
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

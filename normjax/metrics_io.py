@@ -4,6 +4,7 @@ metrics.jsonl is the source of truth (readable without TF); TensorBoard events
 are written through clu's writers only where TensorFlow imports.
 """
 import json
+import logging as std_logging
 import os
 import pathlib
 from typing import Any, Iterator
@@ -49,7 +50,20 @@ def _to_builtin(x: Any) -> Any:
   raise TypeError(f'not JSON serializable: {type(x)}')
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the progress log (warnings still pass)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Filters library INFO lines from absl's log output (entry points call it once)."""
+  std_logging.getLogger('absl').addFilter(_QuietLibraries())
+
+
 def _tensorboard_writer(workdir: pathlib.Path):
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's C++ start-up notices
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError as e:  # clu.metric_writers needs tensorflow and tensorboard

@@ -1,6 +1,6 @@
 """Ports torchvision MobileNetV2 weights to an orbax checkpoint that normjax can load offline.
 
-  python -m normjax.port --torchvision=torchvision_v1            # -> ~/.cache/normjax/torchvision_v1
+  python -m normjax.port --torchvision=torchvision_v1  # -> ~/.cache/normjax/torchvision_v1
   python -m normjax.port --torchvision=/path/mobilenet_v2-b0353104.pth --out=/ckpt/mnv2
 
 The checkpoint holds {'params': ..., 'batch_stats': ...} of `mobilenet_v2(num_classes)`;
@@ -31,17 +31,15 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   source = _TORCHVISION.value
-  out = _OUT.value
-  if source in pretrained.TORCHVISION_WEIGHTS:
-    out = out or os.path.join(pretrained.default_cache_dir(), source)
-    state_dict = pretrained.named_state_dict(source)
-  elif out is None:
+  named = source in pretrained.TORCHVISION_WEIGHTS
+  if _OUT.value is None and not named:
     raise app.UsageError('--out is required unless --torchvision is a name')
-  else:
-    state_dict = pretrained.read_state_dict(source)
-  module = mobilenet_v2(num_classes=_NUM_CLASSES.value)
-  variables = pretrained.port_state_dict(state_dict, module)
-  out = os.path.abspath(out)
+  out = os.path.abspath(_OUT.value or os.path.join(pretrained.default_cache_dir(), source))
+  if os.path.exists(out) and not _OVERWRITE.value:
+    raise app.UsageError(f'--out={out} exists; pass --overwrite to replace it')
+  state_dict = (pretrained.named_state_dict(source) if named
+                else pretrained.read_state_dict(source))
+  variables = pretrained.port_state_dict(state_dict, mobilenet_v2(num_classes=_NUM_CLASSES.value))
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(out, variables, force=_OVERWRITE.value)
   count = lambda t: sum(x.size for x in jax.tree.leaves(t))

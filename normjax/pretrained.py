@@ -1,12 +1,13 @@
 """torchvision's ImageNet MobileNetV2 weights, ported to normjax's Flax MobileNetV2.
 
 Key mapping (normjax.models.mobilenet_v2 names modules after torchvision's keys):
-  features.<i>[.conv.<m>].<j>.weight (O, I, kh, kw)  -> params/backbone/features_<i>[/conv_<m>]/<j>/kernel (kh, kw, I, O)
-  depthwise weight (C, 1, 3, 3)                      -> DepthwiseConv kernel (3, 3, 1, C) (same transpose)
-  BN weight, bias                                    -> params .../scale, .../bias
-  BN running_mean, running_var                       -> batch_stats .../mean, .../var
-  BN num_batches_tracked                             -> dropped (flax does not count steps)
-  classifier.1.weight (classes, 1280), .bias         -> params/head/out/kernel (1280, classes), bias
+  features.<i>[.conv.<m>].<j>.weight (O, I, kh, kw)
+      -> params/backbone/features_<i>[/conv_<m>]/<j>/kernel (kh, kw, I, O)
+  depthwise weight (C, 1, 3, 3)  -> DepthwiseConv kernel (3, 3, 1, C) (the same transpose)
+  BN weight, bias                -> params .../scale, .../bias
+  BN running_mean, running_var   -> batch_stats .../mean, .../var
+  BN num_batches_tracked         -> dropped (flax does not count steps)
+  classifier.1.weight (classes, 1280), .bias -> params/head/out/kernel (1280, classes), bias
 
 BatchNorm: torch eps 1e-5 and momentum 0.1 are flax epsilon 1e-5 and momentum 0.9
 (running = 0.9 * running + 0.1 * batch), which `normjax.models.norms.make_norm('bn')`
@@ -68,8 +69,8 @@ def _to_flax(value: np.ndarray) -> np.ndarray:
   return value.T if value.ndim == 2 else value
 
 
-def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """Inverse of `_to_flax` on shapes."""
+def torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The torch shape of a flax variable shape (inverse of `_to_flax`)."""
   if len(flax_shape) == 4:
     h, w, i, o = flax_shape
     return (o, i, h, w)
@@ -99,7 +100,7 @@ def port_state_dict(state_dict: Mapping[str, Any], module: Classifier) -> dict[s
     value = _to_flax(given[key].detach().cpu().float().numpy())
     if value.shape != shape:
       mismatched.append(f'  {key}: torch shape {tuple(given[key].shape)}, expected '
-                        f'{_torch_shape(shape)} (flax {path[-1]} {shape})')
+                        f'{torch_shape(shape)} (flax {path[-1]} {shape})')
     flat[path] = jnp.asarray(value)
   if missing or unexpected or mismatched:
     lines = ['torchvision MobileNetV2 state_dict does not match normjax MobileNetV2:']
@@ -136,8 +137,11 @@ def _hub_checkpoint(url: str) -> str:
   return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
 
 
-def named_state_dict(spec: str) -> dict[str, Any]:
-  """The state_dict of a TORCHVISION_WEIGHTS name: torch's hub cache file, else a download."""
+def named_state_dict(spec: str, cache_dir: str | None = None) -> dict[str, Any]:
+  """The state_dict of a TORCHVISION_WEIGHTS name: torch's hub cache file, else a download.
+
+  cache_dir only names, in the offline error, where a ported checkpoint would be used.
+  """
   url = TORCHVISION_WEIGHTS[spec]
   hub_file = _hub_checkpoint(url)
   if os.path.isfile(hub_file):
@@ -145,25 +149,27 @@ def named_state_dict(spec: str) -> dict[str, Any]:
   try:
     return read_state_dict(url)
   except Exception as e:  # offline: URLError, OSError, HTTPError, ...
-    out = os.path.join(default_cache_dir(), spec)
+    out = os.path.join(cache_dir or default_cache_dir(), spec)
     raise FileNotFoundError(
         f'Cannot get pretrained weights {spec!r}: download of {url} failed ({e!r}).\n'
         f'Download {url} (file {os.path.basename(url)}) on a machine with internet and either\n'
         f'  put it at {hub_file} (torch hub cache; $TORCH_HOME moves it), or\n'
         f'  pass its path as the pretrained spec, or\n'
         f'  run `python -m normjax.port --torchvision={spec} --out={out}` where the file or the\n'
-        f'  internet is available and copy that directory to {out} (or your cache_dir).') from e
+        f'  internet is available and copy that directory to {out}.') from e
 
 
 def _replace_backbone(variables: Mapping[str, Any], params: Any, batch_stats: Any,
                       source: str) -> dict[str, Any]:
   """`variables` with the backbone's params and batch_stats replaced, after a structure check."""
-  if 'backbone' not in (variables.get('batch_stats') or {}):
+  model_stats = (variables.get('batch_stats') or {}).get('backbone', {})
+  if batch_stats and not model_stats:
     raise ValueError(f'pretrained {source} has BatchNorm statistics but the model has no '
                      f'batch_stats: use the bn backbone norm with pretrained weights.')
   problems = []
-  for collection, new in (('params', params), ('batch_stats', batch_stats)):
-    target = traverse_util.flatten_dict(variables[collection]['backbone'], sep='/')
+  for collection, new, target in (('params', params, variables['params']['backbone']),
+                                  ('batch_stats', batch_stats, model_stats)):
+    target = traverse_util.flatten_dict(target, sep='/')
     new = traverse_util.flatten_dict(new, sep='/')
     problems += [f'  missing {collection}/backbone/{k} {target[k].shape}'
                  for k in sorted(set(target) - set(new))]
@@ -178,7 +184,8 @@ def _replace_backbone(variables: Mapping[str, Any], params: Any, batch_stats: An
   cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
   out = dict(variables)
   out['params'] = {**variables['params'], 'backbone': cast(params)}
-  out['batch_stats'] = {**variables['batch_stats'], 'backbone': cast(batch_stats)}
+  if model_stats:
+    out['batch_stats'] = {**variables['batch_stats'], 'backbone': cast(batch_stats)}
   return out
 
 
@@ -198,7 +205,8 @@ def load_pretrained_backbone(spec: str, variables: Mapping[str, Any], *,
   """Returns `variables` with params/batch_stats['backbone'] replaced by pretrained ones.
 
   spec: 'torchvision_v1' | 'torchvision_v2' (see TORCHVISION_WEIGHTS), a directory
-  written by `python -m normjax.port`, or a torch state_dict file (.pth).
+  written by `python -m normjax.port`, a normjax run's workdir (its latest checkpoint:
+  self-pretraining), or a torch state_dict file (.pth).
   A named spec is looked up as: the ported checkpoint <cache_dir>/<spec> (cache_dir
   defaults to ~/.cache/normjax), torch's hub cache file, then a download.
   The head is left as it is.
@@ -208,11 +216,14 @@ def load_pretrained_backbone(spec: str, variables: Mapping[str, Any], *,
     if os.path.isdir(ported):
       spec = ported
     else:
-      state_dict = named_state_dict(spec)
+      state_dict = named_state_dict(spec, cache_dir)
       ported = port_state_dict(state_dict, mobilenet_v2(_num_classes(state_dict)))
       return _replace_backbone(variables, ported['params']['backbone'],
                                ported['batch_stats']['backbone'], spec)
-  if os.path.isdir(spec):
+  if os.path.isdir(os.path.join(spec, 'checkpoints')):  # a normjax run: its latest backbone
+    from normjax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+    restored = jax.device_get(train.restore_latest(spec)[1])
+  elif os.path.isdir(spec):
     restored = _restore_orbax(spec)
   elif os.path.isfile(spec):
     state_dict = read_state_dict(spec)
@@ -220,9 +231,9 @@ def load_pretrained_backbone(spec: str, variables: Mapping[str, Any], *,
   else:
     raise FileNotFoundError(
         f'pretrained spec {spec!r} is neither one of {sorted(TORCHVISION_WEIGHTS)}, a checkpoint '
-        f'directory written by `python -m normjax.port`, nor a torch state_dict file.')
+        f'directory written by `python -m normjax.port`, a normjax workdir, nor a torch state_dict file.')
   try:
-    params, batch_stats = restored['params']['backbone'], restored['batch_stats']['backbone']
+    params, batch_stats = restored['params']['backbone'], (restored.get('batch_stats') or {}).get('backbone', {})
   except (KeyError, TypeError) as e:
     raise ValueError(f'{spec}: expected params/backbone and batch_stats/backbone, found top-level '
                      f'keys {sorted(restored)}') from e

@@ -21,7 +21,7 @@ from typing import Sequence
 from absl import logging
 import ml_collections
 
-from normjax import config_schema, report, train
+from normjax import config_schema, metrics_io, report, train
 
 
 def config_stem(spec: str) -> str:
@@ -100,10 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--report', action='store_true',
                       help='write WORKDIR/report.md (normjax.report) at the end')
   args = parser.parse_args(argv)
-  specs = [s.strip() for s in args.configs.split(',') if s.strip()]
+  specs = config_schema.split_config_specs(args.configs)
   if not specs:
     parser.error('--configs: no config given')
   logging.set_verbosity(logging.INFO)  # train's progress lines; absl.app would do this in main.py
+  metrics_io.quiet_library_logs()
   try:
     failed = run_sweep(specs, args.workdir, args.set)
   except config_schema.ConfigError as e:

@@ -438,6 +438,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
+def restore_latest(workdir: str | pathlib.Path) -> tuple[int, dict[str, Any]]:
+  """The latest checkpoint of a run as single-device arrays, whatever topology saved it."""
+  checkpoints = pathlib.Path(workdir) / 'checkpoints'
+  steps = [int(p.name) for p in checkpoints.glob('*') if p.name.isdigit()] if checkpoints.is_dir() else []
+  if not steps:
+    raise CheckpointError(f'{workdir}: no checkpoints to restore (expected {checkpoints}/<step>)')
+  path = checkpoints / str(max(steps)) / 'default'
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        checkpointer.metadata(path).item_metadata.tree)
+  return max(steps), checkpointer.restore(path, target)
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, shardings) -> TrainState:
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
   try:
@@ -451,10 +465,10 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainSta
 
 def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState, shardings) -> TrainState:
   from normjax import pretrained  # pylint: disable=g-import-not-at-top  (torch only when needed)
-  if config.model.name != 'mobilenet_v2':
+  if config.model.name != 'mobilenet_v2' and not (pathlib.Path(config.model.pretrained) / 'checkpoints').is_dir():
     raise config_schema.ConfigError(
         f'config.model.pretrained = {config.model.pretrained!r}: pretrained weights exist only for '
-        f'model.name=mobilenet_v2, not {config.model.name!r}; use pretrained=none')
+        f'model.name=mobilenet_v2, not {config.model.name!r}; use pretrained=none or a normjax workdir')
   variables = pretrained.load_pretrained_backbone(
       config.model.pretrained, jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}))
   state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])

@@ -24,16 +24,3 @@ def tfds_dir(tmp_path_factory) -> pathlib.Path:
   """A tfds data_dir for this session, so each real dataset is prepared once."""
   return tmp_path_factory.mktemp('tfds')
 
-
-def restore_latest(workdir: str | os.PathLike) -> tuple[int, dict]:
-  """The latest checkpoint of a run as single-device arrays, whatever topology saved it."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  checkpoints = pathlib.Path(workdir) / 'checkpoints'
-  step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-  path = checkpoints / str(step) / 'default'
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        checkpointer.metadata(path).item_metadata.tree)
-  return step, checkpointer.restore(path, target)

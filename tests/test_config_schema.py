@@ -86,3 +86,8 @@ def test_load_config_passes_the_colon_argument():
   config = config_schema.load_config('configs/nf_agc_scratch.py:cpu,batch=8')
   assert (config.train.batch_size, config.model.width_mult, config.data.train_subset) == (8, 0.5, 10_000)
   assert config.optim.agc_lambda == 0.16 and config.optim.lr == 0.1 * 8 / 256
+
+
+def test_split_config_specs_keeps_commas_inside_arguments():
+  assert config_schema.split_config_specs('configs/a.py:cpu,batch=8,configs/b.py,configs/c.py:quick') == [
+      'configs/a.py:cpu,batch=8', 'configs/b.py', 'configs/c.py:quick']

@@ -67,6 +67,9 @@ def test_bfloat16_keeps_dtype_and_accumulates_precisely():
                              kernel.astype(jnp.bfloat16).astype(jnp.float32), stride=1, padding=1)
   # Only the final rounding to bfloat16 (8 mantissa bits) differs.
   np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=2**-8, atol=1e-6)
+  grads = jax.grad(lambda x, w: depthwise_conv2d_taps(x, w, stride=2, padding=1).astype(
+      jnp.float32).sum(), argnums=(0, 1))(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+  assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
 
 
 def test_module_matches_flax_grouped_conv_param_and_output():

@@ -1,19 +1,21 @@
-"""MobileNetV2Features: torchvision's layout at every width, residuals, CIFAR stem, freezing, dtype."""
+"""MobileNetV2Features: torchvision layout at all widths, residuals, CIFAR stem, freezing, dtype."""
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 from flax import traverse_util
 
 from normjax.models.classifier import Classifier
 from normjax.models.heads import LinearHead
-from normjax.models.mobilenet_v2 import (InvertedResidual, MobileNetV2Features, block_specs,
-                                         has_residual, last_channels, make_divisible, mobilenet_v2)
+from normjax.models.mobilenet_v2 import (InvertedResidual, MobileNetV2Features, PointwiseConv,
+                                         block_specs, conv_init, has_residual, last_channels,
+                                         make_divisible, mobilenet_v2)
 from normjax.models.norms import make_norm
-from normjax.pretrained import _torch_shape, torch_key
+from normjax.pretrained import torch_key, torch_shape
 from torch_reference import MobileNetV2 as TorchMobileNetV2
 
 BN = functools.partial(make_norm, 'bn')
@@ -28,7 +30,7 @@ def _init_shapes(module, image_size=32):
 def test_layout_matches_torchvision_state_dict(width_mult):
   # Same keys and shapes as torchvision's state_dict proves channel rounding and layout.
   variables = traverse_util.flatten_dict(_init_shapes(mobilenet_v2(10, width_mult)))
-  ours = {torch_key(k[0], k[1:]): _torch_shape(v.shape) for k, v in variables.items()}
+  ours = {torch_key(k[0], k[1:]): torch_shape(v.shape) for k, v in variables.items()}
   ref = {k: tuple(v.shape)
          for k, v in TorchMobileNetV2(10, width_mult).state_dict().items()
          if not k.endswith('num_batches_tracked')}
@@ -72,6 +74,17 @@ def test_residual_adds_block_input(index, residual):
   np.testing.assert_array_equal(y, x if residual else jnp.zeros_like(y))
 
 
+def test_pointwise_conv_equals_flax_1x1_conv():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  ours = PointwiseConv(12)
+  ref = nn.Conv(12, (1, 1), use_bias=False, kernel_init=conv_init)
+  params = ours.init(jax.random.key(1), x)
+  np.testing.assert_array_equal(params['params']['kernel'],
+                                ref.init(jax.random.key(1), x)['params']['kernel'])
+  assert params['params']['kernel'].shape == (1, 1, 8, 12)
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('cifar_stem,hw', [(True, 4), (False, 1)])
 def test_cifar_stem_output_size(cifar_stem, hw):
   backbone = MobileNetV2Features(norm=BN, width_mult=0.35, cifar_stem=cifar_stem)
@@ -82,10 +95,28 @@ def test_cifar_stem_output_size(cifar_stem, hw):
 
 @pytest.fixture(scope='module')
 def small():
-  """(x, variables) of mobilenet_v2(10, width_mult=0.35) on 32x32 images (init compiles slowly)."""
-  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  model = mobilenet_v2(10, width_mult=0.35)
-  return x, jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
+  """(x, variables) of mobilenet_v2(10, width_mult=0.35) on 32x32 images.
+
+  Variables are drawn with numpy on init's shapes (compiling init's random number
+  generation takes longer than these tests): He-normal kernels, BN scale 1 and
+  bias 0, running mean 0 and variance 1, random head bias.
+  """
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 32, 32, 3), dtype=np.float32))
+  shapes = jax.eval_shape(functools.partial(mobilenet_v2(10, width_mult=0.35).init, train=False),
+                          jax.random.key(1), x)
+
+  def draw(path, s):
+    name = path[-1].key
+    if name == 'kernel':
+      return rng.standard_normal(s.shape, dtype=np.float32) * np.sqrt(2 / np.prod(s.shape[:-1]))
+    if name in ('scale', 'var'):
+      return np.ones(s.shape, np.float32)
+    if name == 'bias' and path[1].key == 'head':
+      return rng.standard_normal(s.shape, dtype=np.float32)
+    return np.zeros(s.shape, np.float32)
+
+  return x, jax.tree_util.tree_map_with_path(lambda p, s: jnp.asarray(draw(p, s)), shapes)
 
 
 def _train_step_effects(trainable_blocks, x, variables):
@@ -107,7 +138,8 @@ def _train_step_effects(trainable_blocks, x, variables):
 
 def _per_block(tree, fn):
   """{block index: fn(leaves of features_<index>)} for the backbone subtree."""
-  return {int(name.split('_')[1]): fn(jax.tree.leaves(sub)) for name, sub in tree['backbone'].items()}
+  return {int(name.split('_')[1]): fn(jax.tree.leaves(sub))
+          for name, sub in tree['backbone'].items()}
 
 
 @pytest.mark.parametrize('trainable_blocks', [3, 0, -1])

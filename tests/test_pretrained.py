@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from absl import app
 from absl import flags
 
 from normjax import port
@@ -170,6 +171,8 @@ def test_load_from_pth_and_from_ported_checkpoint(reference, target, tmp_path, c
   out = tmp_path / 'ported'
   printed = _run_port([f'--torchvision={path}', f'--out={out}'], capsys)
   assert f'Wrote {out} from {path}' in printed
+  with pytest.raises(app.UsageError, match='exists; pass --overwrite'):
+    _run_port([f'--torchvision={path}', f'--out={out}'], capsys)
   from_checkpoint = pretrained.load_pretrained_backbone(str(out), target)
   _assert_backbone_is_ported(from_checkpoint, reference, target)
 
@@ -201,7 +204,8 @@ def test_offline_named_spec_says_what_to_download_and_where(target, tmp_path, mo
   msg = str(e.value)
   assert 'https://download.pytorch.org/models/mobilenet_v2-7ebf99e0.pth' in msg
   assert f'put it at {tmp_path}/torch/hub/checkpoints/mobilenet_v2-7ebf99e0.pth' in msg
-  assert 'python -m normjax.port --torchvision=torchvision_v2' in msg
+  port_cmd = 'python -m normjax.port --torchvision=torchvision_v2'
+  assert f'{port_cmd} --out={tmp_path}/nj/torchvision_v2' in msg
 
 
 def test_width_mismatch_is_a_clear_error(reference):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from conftest import restore_latest
 from normjax import metrics_io, train
 
 TIMING_KEYS = {'images_per_sec'}
@@ -36,7 +35,7 @@ def records(workdir, kind=None):
 
 
 def latest_params(workdir):
-  step, restored = restore_latest(workdir)
+  step, restored = train.restore_latest(workdir)
   return step, restored['params']
 
 
@@ -236,3 +235,16 @@ def test_tensorboard_events_mirror_metrics_jsonl(config, tmp_path):
   for step, loss in logged.items():
     assert abs(from_tb[step] - loss) < 1e-6
   assert any(tag.startswith('layers/grad_norm') for tag in events.Tags()['tensors'])
+
+
+def test_self_pretrained_backbone_from_a_normjax_workdir(config, tmp_path):
+  config.train.max_steps = 6
+  train.train_and_evaluate(config, str(tmp_path / 'source'))
+  _, source = train.restore_latest(tmp_path / 'source')
+  config.model.pretrained = str(tmp_path / 'source')
+  config.optim.trainable_blocks = 0  # frozen backbone: it must stay exactly the source's
+  train.train_and_evaluate(config, str(tmp_path / 'finetune'))
+  _, tuned = train.restore_latest(tmp_path / 'finetune')
+  for a, b in zip(_leaves(source['params']['backbone']), _leaves(tuned['params']['backbone'])):
+    np.testing.assert_array_equal(a, b)
+  assert any(np.any(a != b) for a, b in zip(_leaves(source['params']['head']), _leaves(tuned['params']['head'])))

@@ -123,7 +123,7 @@ def depthwise_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int,
 
 
 class DepthwiseConv(nn.Module):
-  """A bias-free depthwise conv; its 'kernel' (k, k, 1, C) matches flax Conv(feature_group_count=C)."""
+  """A bias-free depthwise conv; 'kernel' (k, k, 1, C) as in flax Conv(feature_group_count=C)."""
   features: int
   kernel_size: int = 3
   strides: int = 1

@@ -15,10 +15,8 @@ import jax.numpy as jnp
 
 from normjax.models.classifier import Classifier
 from normjax.models.depthwise import DepthwiseConv
-from normjax.models.heads import LinearHead
-from normjax.models.norms import make_norm
-
-ModuleDef = Callable[..., nn.Module]
+from normjax.models.heads import LinearHead, NormFactory
+from normjax.models.norms import ModuleDef, make_norm
 
 # torchvision/models/mobilenetv2.py: inverted_residual_setting (t, c, n, s).
 INVERTED_RESIDUAL_SETTINGS = (
@@ -32,6 +30,9 @@ INVERTED_RESIDUAL_SETTINGS = (
 )
 STEM_CHANNELS = 32  # torchvision: input_channel = 32
 LAST_CHANNELS = 1280  # torchvision: last_channel = 1280
+NUM_BLOCKS = 19  # torchvision features.0 .. features.18
+# torchvision: nn.init.kaiming_normal_(conv.weight, mode="fan_out") (untruncated normal).
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
@@ -80,13 +81,8 @@ def last_channels(width_mult: float = 1.0) -> int:
   return make_divisible(LAST_CHANNELS * max(1.0, width_mult))
 
 
-NUM_BLOCKS = 19  # torchvision features.0 .. features.18
-# torchvision: nn.init.kaiming_normal_(conv.weight, mode="fan_out") (untruncated normal).
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
 class PointwiseConv(nn.Module):
-  """A bias-free 1x1 conv written as a (N*H*W, I) x (I, O) matmul; 'kernel' (1, 1, I, O) as flax Conv.
+  """A bias-free 1x1 conv as a (N*H*W, I) x (I, O) matmul; 'kernel' (1, 1, I, O) as in flax Conv.
 
   On CPU XLA runs the matmul and both its gradients as GEMMs, while a 1x1
   convolution's gradients go through slower generic convolution code.
@@ -115,7 +111,7 @@ class ConvNormAct(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     pad = (self.kernel_size - 1) // 2  # torchvision: padding = (kernel_size - 1) // 2
-    if self.kernel_size == 1:
+    if self.kernel_size == 1 and self.strides == 1:
       x = PointwiseConv(self.features, dtype=self.dtype, name='0')(x)
     elif self.depthwise:
       x = DepthwiseConv(self.features, self.kernel_size, self.strides, pad, dtype=self.dtype,
@@ -172,7 +168,7 @@ class MobileNetV2Features(nn.Module):
   output is wrapped in stop_gradient, so they get zero gradients, keep their batch
   statistics and cost no backward pass.
   """
-  norm: Callable[..., ModuleDef]
+  norm: NormFactory
   width_mult: float = 1.0
   cifar_stem: bool = False
   trainable_blocks: int = -1
@@ -184,8 +180,10 @@ class MobileNetV2Features(nn.Module):
     norm = lambda i: self.norm(train=train and i >= first)
     last = NUM_BLOCKS - 1
     blocks = [ConvNormAct(make_divisible(STEM_CHANNELS * self.width_mult), 3, norm(0),
-                          strides=stem_stride(self.cifar_stem), dtype=self.dtype, name='features_0')]
-    blocks += [InvertedResidual(spec, norm(spec.index), dtype=self.dtype, name=f'features_{spec.index}')
+                          strides=stem_stride(self.cifar_stem), dtype=self.dtype,
+                          name='features_0')]
+    blocks += [InvertedResidual(spec, norm(spec.index), dtype=self.dtype,
+                                name=f'features_{spec.index}')
                for spec in block_specs(self.width_mult, self.cifar_stem)]
     blocks.append(ConvNormAct(last_channels(self.width_mult), 1, norm(last), dtype=self.dtype,
                               name=f'features_{last}'))
@@ -197,7 +195,7 @@ class MobileNetV2Features(nn.Module):
 
 
 def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0,
-                 norm: Callable[..., ModuleDef] | None = None,
+                 norm: NormFactory | None = None,
                  dtype: Any = jnp.float32) -> Classifier:
   """torchvision's ImageNet `mobilenet_v2`: features, global average pool, Dropout(0.2) + Linear."""
   if norm is None:
