@@ -6,7 +6,10 @@ Both run the same network (torchvision's MobileNetV2, BN, Dropout + Linear head,
 parameters trainable) on the same fixed batch. normjax's step is jitted with the
 state donated; torch uses channels_last and all cores. Timed windows of the two
 frameworks alternate so that load from other processes hits both alike; the
-median window is reported.
+median window is reported. On a shared machine the figures move with other
+processes' load (normjax splits each op over all cores, so a busy core slows it
+more than torch, whose small ops mostly run on one thread); compare the ratio
+within one run.
 """
 import functools
 import os
@@ -26,13 +29,16 @@ import numpy as np
 import optax
 import torch
 
+# The repo (normjax, without `pip install -e .`) and tests/ (the torch reference network).
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, 'tests')]
+# pylint: disable=g-import-not-at-top,g-bad-import-order
 from normjax.models.classifier import Classifier
 from normjax.models.heads import LinearHead
 from normjax.models.mobilenet_v2 import MobileNetV2Features
 from normjax.models.norms import make_norm
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-from torch_reference import MobileNetV2 as TorchMobileNetV2  # pylint: disable=g-import-not-at-top
+from torch_reference import MobileNetV2 as TorchMobileNetV2
+# pylint: enable=g-import-not-at-top,g-bad-import-order
 
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size (study: 64).')
 _SIZE = flags.DEFINE_integer('size', 32, 'Image height and width.')

@@ -3,7 +3,7 @@ r"""Several configs one after another in this process, each in its own workdir.
   python -m normjax.sweep --configs=configs/bn_noclip.py,configs/ln_noclip.py \
       --workdir=workdir/study [--set=train.max_steps=20 --set=data.image_size=32] [--report]
 
-Config i trains into WORKDIR/<stem of config i>. Every config is loaded, overridden
+Config i trains into WORKDIR/<stem of config i>[-<its :arg>]. Every config is loaded, overridden
 with each --set and validated before the first run starts, so a typo fails in
 seconds, not hours in. A run whose summary.json exists is skipped (rerun it with
 --set=train.overwrite=True); a run that raises is reported and the sweep goes on,
@@ -25,8 +25,10 @@ from normjax import config_schema, metrics_io, report, train
 
 
 def config_stem(spec: str) -> str:
-  """'configs/bn_clip.py:quick' -> 'bn_clip': the run's directory name."""
-  return pathlib.Path(spec.split(':', 1)[0]).stem
+  """The run's directory name: 'configs/bn_clip.py' -> 'bn_clip',
+  'configs/nf_agc_scratch.py:cpu,batch=8' -> 'nf_agc_scratch-cpu-batch8'."""
+  path, _, arg = spec.partition(':')
+  return '-'.join([pathlib.Path(path).stem] + [a.replace('=', '') for a in arg.split(',') if a])
 
 
 def pct(fraction: float | None) -> str:

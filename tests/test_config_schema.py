@@ -84,7 +84,7 @@ def test_missing_config_file():
 
 def test_load_config_passes_the_colon_argument():
   config = config_schema.load_config('configs/nf_agc_scratch.py:cpu,batch=8')
-  assert (config.train.batch_size, config.model.width_mult, config.data.train_subset) == (8, 0.5, 10_000)
+  assert (config.train.batch_size, config.model.width_mult, config.data.train_subset) == (8, 0.5, 4_000)
   assert config.optim.agc_lambda == 0.16 and config.optim.lr == 0.1 * 8 / 256
 
 

@@ -149,4 +149,5 @@ def test_status_line_without_validation(tmp_path, calls, capsys):
 
 def test_config_stem():
   assert sweep.config_stem('configs/bn_clip.py') == 'bn_clip'
-  assert sweep.config_stem('configs/bn_clip.py:quick') == 'bn_clip'
+  assert sweep.config_stem('configs/bn_clip.py:quick') == 'bn_clip-quick'
+  assert sweep.config_stem('configs/nf_agc_scratch.py:cpu,batch=8,lambda=0.01') == 'nf_agc_scratch-cpu-batch8-lambda0.01'
