@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 from jax import lax
 
+from normjax import config_schema, optim
 from normjax.models import nf
+from normjax.models.factory import create_model
 from normjax.models.classifier import Classifier
 from normjax.models.heads import LinearHead
 from normjax.models.mobilenet_v2 import BlockSpec, block_specs
@@ -233,3 +236,23 @@ def test_one_train_step_reduces_loss(backbone_params):
   _, _, after = step(new_params, opt_state, rng)
   assert np.isfinite(float(before))
   assert float(after) < float(before) - 0.2, (float(before), float(after))
+
+
+def test_nf_agc_config_clips_every_layer_but_the_classifier():
+  """configs/nf_agc_scratch.py wires unit-wise AGC over the NF net with head/out excluded."""
+  config = config_schema.load_config('configs/nf_agc_scratch.py:quick')
+  assert config.optim.clip == 'agc' and config.model.name == 'nf_mobilenet_v2'
+  model = create_model(config, 10)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))['params']
+  mask = traverse_util.flatten_dict(optim.agc_mask(params, config.optim.trainable_blocks), sep='/')
+  assert not mask['head/out/kernel'] and not mask['head/out/bias']
+  assert all(v for k, v in mask.items() if not k.startswith('head/out/'))
+  assert any('depthwise' in k for k in mask)
+  # A huge gradient on every leaf: AGC shrinks all of them but the classifier's.
+  params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
+  grads = jax.tree.map(lambda p: 1e3 * jnp.ones_like(p), params)
+  clipper = optim.make_clipper(config, params)
+  clipped, _ = clipper.update(grads, clipper.init(params), params)
+  flat = traverse_util.flatten_dict(clipped, sep='/')
+  np.testing.assert_array_equal(flat['head/out/kernel'], 1e3)
+  assert all(float(jnp.max(jnp.abs(v))) < 1e3 for k, v in flat.items() if not k.startswith('head/out/'))

@@ -52,3 +52,22 @@ def save_data_views(split: ArraySplit, class_names: Sequence[str],
   distribution = out_dir / 'class_distribution.png'
   fig.savefig(distribution, dpi=100)
   return [samples, distribution]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """`python -m normjax.data.views CONFIG OUT_DIR`: the data views of a config's training split."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  from normjax import config_schema  # pylint: disable=g-import-not-at-top
+  from normjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument('config', help='config spec, e.g. configs/frn_noclip.py:quick')
+  parser.add_argument('out_dir')
+  args = parser.parse_args(argv)
+  config = config_schema.load_config(args.config)
+  splits = pipeline.load_splits(config.data, config.seed)
+  for path in save_data_views(splits.train, splits.class_names, args.out_dir, seed=config.seed):
+    print(path)
+
+
+if __name__ == '__main__':
+  main()
