@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from normjax import monitor
+from normjax.config_schema import ConfigError
 
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('constant', 'cosine')
@@ -22,7 +23,7 @@ _BLOCK = re.compile(r'features_(\d+)')
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
-    raise ValueError(f'{field}: unknown value {value!r}; allowed: {", ".join(allowed)}')
+    raise ConfigError(f'{field}: unknown value {value!r}; allowed: {", ".join(allowed)}')
 
 
 def param_labels(params: optax.Params, trainable_blocks: int) -> optax.Params:
@@ -42,7 +43,7 @@ def param_labels(params: optax.Params, trainable_blocks: int) -> optax.Params:
     indices.append(int(match.group(1)))
   indices.sort()
   if trainable_blocks < -1 or trainable_blocks > len(indices):
-    raise ValueError(f'optim.trainable_blocks must be -1 (all), 0 (none) or 1..{len(indices)} '
+    raise ConfigError(f'optim.trainable_blocks must be -1 (all), 0 (none) or 1..{len(indices)} '
                      f'(the backbone has {len(indices)} blocks), got {trainable_blocks}')
   trainable = set(indices if trainable_blocks == -1 else indices[len(indices) - trainable_blocks:])
 
@@ -81,7 +82,7 @@ def learning_rate_schedule(base_lr: float, config: ml_collections.ConfigDict,
   warmup = int(round(optim.warmup_epochs * steps_per_epoch))
   if optim.schedule == 'cosine':
     if warmup >= total:
-      raise ValueError(f'optim.warmup_epochs={optim.warmup_epochs} gives {warmup} warmup steps, '
+      raise ConfigError(f'optim.warmup_epochs={optim.warmup_epochs} gives {warmup} warmup steps, '
                        f'not fewer than the {total} training steps the cosine decays over')
     if warmup == 0:
       return optax.cosine_decay_schedule(base_lr, decay_steps=total)
@@ -125,7 +126,7 @@ def _base_optimizer(config: ml_collections.ConfigDict,
       return optax.adamw(learning_rate, weight_decay=optim.weight_decay)
     return optax.adam(learning_rate)
   if optim.nesterov and optim.momentum <= 0:
-    raise ValueError('optim.nesterov needs optim.momentum > 0 (as torch.optim.SGD)')
+    raise ConfigError('optim.nesterov needs optim.momentum > 0 (as torch.optim.SGD)')
   sgd = optax.sgd(learning_rate, momentum=optim.momentum or None, nesterov=optim.nesterov)
   if optim.weight_decay > 0:
     # torch SGD adds weight_decay * param to the gradient before momentum.

@@ -351,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     loss, correct, n = parallel.sum_over_processes(local)
     return {'loss': loss / n, 'accuracy': correct / n}
 
-  def check_finite(step: int) -> int:
+  def check_finite() -> None:
     bad = int(state.first_nonfinite)
     if bad >= 0 and config.train.on_nonfinite == 'stop':
       manager.wait_until_finished()
@@ -360,10 +360,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'non-finite loss or gradient at step {bad} (train.on_nonfinite=stop); the last good '
           f'checkpoint is step {last} in {workdir}/checkpoints. Lower optim.lr, enable optim.clip, '
           'or set train.on_nonfinite=skip to skip such updates.')
-    return bad
 
   def save(step: int) -> None:
-    check_finite(step)
+    check_finite()
     manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
   step = int(state.step)
@@ -381,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         epoch_end = step % steps_per_epoch == 0
         if step % config.train.log_every_steps == 0 or epoch_end or step == total_steps:
           values = jax.device_get(state.metrics.compute())
-          check_finite(step)
+          check_finite()
           ips = throughput.window(step)
           values.update(lr=float(lr_schedule(step - 1)), images_per_sec=ips)
           log.write('train', step, step / steps_per_epoch, values)

@@ -20,6 +20,7 @@ def run_main(*args, env=None, timeout=120):
     ('--config.data.name=imagenet', "config.data.name = 'imagenet' is not allowed"),
     ('--config.train.batch_size=0', 'config.train.batch_size = 0 is not allowed; expected an integer > 0'),
     ('--config.optim.lr=-0.1', 'config.optim.lr = -0.1 is not allowed; expected a number > 0'),
+    ('--config.optim.trainable_blocks=7', 'optim.trainable_blocks must be -1 (all), 0 (none) or 1..3'),
 ])
 def test_bad_config_is_one_line_error(tmp_path, override, message):
   result = run_main('--config=configs/smoke.py', f'--workdir={tmp_path}', override)

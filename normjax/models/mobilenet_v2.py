@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from normjax.config_schema import ConfigError
 from normjax.models.classifier import Classifier
 from normjax.models.depthwise import DepthwiseConv
 from normjax.models.heads import LinearHead, NormFactory
@@ -155,7 +156,7 @@ def has_residual(spec: BlockSpec) -> bool:
 def first_trainable_block(trainable_blocks: int) -> int:
   """Index of the first of `features_0..18` that trains (-1: all, 0: none, k: the last k)."""
   if not -1 <= trainable_blocks <= NUM_BLOCKS:
-    raise ValueError(f'trainable_blocks must be -1 (all), 0 (none) or 1..{NUM_BLOCKS}, '
+    raise ConfigError(f'optim.trainable_blocks must be -1 (all), 0 (none) or 1..{NUM_BLOCKS}, '
                      f'got {trainable_blocks}')
   return 0 if trainable_blocks == -1 else NUM_BLOCKS - trainable_blocks
 

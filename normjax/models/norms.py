@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from normjax.config_schema import ConfigError
+
 ModuleDef = Callable[..., nn.Module]
 
 NORMS = ('bn', 'ln', 'gn', 'frn', 'none')
@@ -120,7 +122,7 @@ class GroupNorm(nn.GroupNorm):
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     if x.shape[-1] % self.num_groups:
-      raise ValueError(f'model.gn_groups={self.num_groups} does not divide the number of '
+      raise ConfigError(f'model.gn_groups={self.num_groups} does not divide the number of '
                        f'channels {x.shape[-1]} (input shape {x.shape})')
     return super().__call__(x)
 
@@ -140,4 +142,4 @@ def make_norm(name: str, *, train: bool, dtype: Any = jnp.float32, gn_groups: in
     return functools.partial(FRN, learned_epsilon=frn_learned_eps, dtype=dtype)
   if name == 'none':
     return Identity
-  raise ValueError(f'norm: unknown name {name!r}; allowed: {", ".join(NORMS)}')
+  raise ConfigError(f'norm: unknown name {name!r}; allowed: {", ".join(NORMS)}')
