@@ -247,6 +247,14 @@ def fmt_clip(run: Run) -> str:
   return clip
 
 
+def fmt_backbone_norm(run: Run) -> str:
+  """The backbone's normalization; normalizer-free and LightCNN backbones ignore model.norm."""
+  name = run.cfg('model.name', NA)
+  if name == 'nf_mobilenet_v2':
+    return 'none (NF)'
+  return 'none' if name == 'lightcnn' else run.cfg('model.norm', NA)
+
+
 def fmt_head(run: Run) -> str:
   head = run.cfg('model.head', NA)
   return head if head == 'linear' else f"{head}/{run.cfg('model.head_norm', NA)}"
@@ -280,7 +288,7 @@ def runs_section(runs: list[Run]) -> list[str]:
         ref_cell += f' [{list(notes).index(deviations) + 1}]'
     rows.append((
         f'`{run.name}`', 'done' if run.finished else 'in progress',
-        run.cfg('model.name', NA), run.cfg('model.norm', NA), fmt_head(run), fmt_clip(run),
+        run.cfg('model.name', NA), fmt_backbone_norm(run), fmt_head(run), fmt_clip(run),
         run.cfg('train.batch_size', NA), fmt_num(st.epochs), run.cfg('data.name', NA),
         run.cfg('data.image_size', NA), fmt_pct(st.final_val), fmt_pct(st.best_val),
         fmt_pct(st.epoch1_val), fmt_pct(st.test), ref_cell, fmt_num(st.grad_norm_first),
@@ -340,8 +348,10 @@ def legend_below(fig: Figure, axes: Sequence[Any], order: Sequence[str] = ()) ->
       handles.setdefault(label, h)
   labels = sorted(handles, key=lambda l: order.index(l) if l in order else len(order))
   if labels:
+    longest = max(len(l) for l in labels)
+    columns = 1 if longest > 60 else 2 if longest > 35 else 3  # long labels must not overflow the figure
     fig.legend([handles[l] for l in labels], labels, loc='outside lower center',
-               ncols=min(3, len(labels)), fontsize='small')
+               ncols=min(columns, len(labels)), fontsize='small')
 
 
 def run_label(run: Run) -> str:
@@ -526,8 +536,7 @@ def layers_section(runs: list[Run], style: dict[str, dict[str, Any]],
 
 
 def batch_group(run: Run) -> str:
-  return (f"{run.cfg('model.name', NA)} ({run.cfg('model.norm', NA)} backbone, "
-          f"clip {fmt_clip(run)})")
+  return f"{run.cfg('model.name', NA)} (norm {fmt_backbone_norm(run)}, clip {fmt_clip(run)})"
 
 
 def plot_batch_size(groups: dict[str, list[tuple[int, Run, Stats]]],

@@ -204,7 +204,8 @@ def _peak_memory() -> dict[str, int]:
   stats = jax.local_devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     return {'peak_memory_bytes': int(stats['peak_bytes_in_use'])}
-  # No device allocator statistics (CPU): report the host's peak resident memory instead.
+  # No device allocator statistics (CPU): the process's peak resident memory instead. It is a
+  # lifetime peak, so in a sweep (one process) it includes the runs before this one.
   return {'peak_host_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 

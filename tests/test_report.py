@@ -306,8 +306,8 @@ def test_batch_size_section(tmp_path):
     assert float(row['test %']) == pytest.approx(100 * s['test_accuracy'], abs=5e-3)
     assert float(row['images/s']) == 100.0 * bs
     assert row['peak memory'] == f'{bs / 64:.2f} GiB'
-  assert rows[0]['model'] == 'mobilenet_v2 (bn backbone, clip none)'
-  assert rows[3]['model'] == 'nf_mobilenet_v2 (none backbone, clip agc (lambda=0.01))'
+  assert rows[0]['model'] == 'mobilenet_v2 (norm bn, clip none)'
+  assert rows[3]['model'] == 'nf_mobilenet_v2 (norm none (NF), clip agc (lambda=0.01))'
   assert_png(tmp_path / 'batch_size.png')
   # A rerun without differing batch sizes drops the section and its stale figure.
   for name in list(expected)[1:]:
