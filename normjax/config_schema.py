@@ -131,15 +131,19 @@ def flatten(config: ml_collections.ConfigDict | dict, prefix: str = '') -> dict[
   return out
 
 
+def unknown_field_error(path: str) -> ConfigError:
+  """The error for config.<path> not in SCHEMA, listing the fields of its section."""
+  section = path.rpartition('.')[0]
+  siblings = sorted(p for p in SCHEMA if p.rpartition('.')[0] == section) or sorted(SCHEMA)
+  return ConfigError(f'config.{path}: unknown field; allowed: {", ".join(siblings)}')
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises ConfigError naming the first unknown field or disallowed value."""
   flat = flatten(config)
   for path in flat:
     if path not in SCHEMA:
-      section = path.rsplit('.', 1)[0] if '.' in path else ''
-      siblings = sorted(p for p in SCHEMA if p.rsplit('.', 1)[0] == section) if section else sorted(
-          p for p in SCHEMA if '.' not in p)
-      raise ConfigError(f'config.{path}: unknown field; allowed fields here: {", ".join(siblings)}')
+      raise unknown_field_error(path)
   for path, (ok, allowed) in SCHEMA.items():
     if path not in flat:
       raise ConfigError(f'config.{path}: missing field; expected {allowed}')
@@ -194,7 +198,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> 
     path, raw = item.split('=', 1)
     path = path.strip().removeprefix('config.')
     if path not in flat:
-      raise ConfigError(f'config.{path}: unknown field; allowed: {", ".join(sorted(SCHEMA))}')
+      raise unknown_field_error(path)
     current = flat[path]
     try:
       if isinstance(current, bool):

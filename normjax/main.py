@@ -40,9 +40,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if arg.startswith('--config.'):
       path = arg[len('--config.'):].split('=', 1)[0]
       if path not in config_schema.SCHEMA:
-        section = path.rsplit('.', 1)[0]
-        known = sorted(p for p in config_schema.SCHEMA if p.startswith(section + '.')) or sorted(config_schema.SCHEMA)
-        _fail(f'config.{path}: unknown field; allowed: {", ".join(known)}')
+        _fail(str(config_schema.unknown_field_error(path)))
   try:
     return FLAGS(argv)
   except flags.Error as e:

@@ -61,7 +61,7 @@ def test_unknown_field_is_named_with_its_siblings():
   config.train.bacth_size = 32
   with pytest.raises(ConfigError) as e:
     config_schema.validate(config)
-  assert str(e.value).startswith('config.train.bacth_size: unknown field; allowed fields here: ')
+  assert str(e.value).startswith('config.train.bacth_size: unknown field; allowed: ')
   assert 'train.batch_size' in str(e.value)
 
 
