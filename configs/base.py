@@ -24,6 +24,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.train_subset = 0   # >0: use only this many training images (fixed by seed)
   config.data.augment = True     # study: RandomCrop(32, padding=4) + RandomHorizontalFlip
   config.data.crop_padding = 4   # study: RandomCrop(32, padding=4)
+  # With train.feature_cache: K precomputed augmentations per image; epoch e uses variant e mod K.
+  # 0 = one per epoch (K = num_epochs), which trains exactly like the uncached run.
+  config.data.augment_variants = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'mobilenet_v2'  # lightcnn | mobilenet_v2 | nf_mobilenet_v2
@@ -36,6 +39,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dropout = 0.5       # study head dropout
   config.model.frn_learned_eps = False
   config.model.gn_groups = 32      # Wu & He 2018 default
+  # Frozen blocks' BatchNorm: eval = ImageNet running stats, never updated (cacheable);
+  # train = torch's model.train() with requires_grad=False: batch stats, running stats updated.
+  config.model.frozen_bn = 'eval'
+  config.model.head_init = 'torch'  # torch: nn.Linear's init, as the study's heads had | flax
   config.model.pretrained = 'torchvision_v1'  # none | torchvision_v1 | torchvision_v2 | <path>
   config.model.dtype = 'float32'   # float32 | bfloat16 (compute dtype; params stay float32)
 
@@ -65,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.on_nonfinite = 'stop'  # stop | skip
   config.train.monitor_every_steps = 100  # per-layer gradient statistics; 0 = off
   config.train.overwrite = False   # True: discard an existing run in the workdir
+  # Frozen-prefix feature cache (normjax/features.py): '' off, 'auto' ($NORMJAX_CACHE_DIR or
+  # ~/.cache/normjax/features), or a directory. Used only where the frozen prefix is deterministic.
+  config.train.feature_cache = ''
   return quick(config) if arg == 'quick' else config
 
 

@@ -10,9 +10,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-  """A config field has an unknown name or a value outside its allowed set."""
+from normjax.errors import ConfigError
 
 
 def _choice(*allowed: str) -> tuple[Callable[[Any], bool], str]:
@@ -74,6 +72,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'data.train_subset': _non_negative_int(),
     'data.augment': _bool(),
     'data.crop_padding': _non_negative_int(),
+    'data.augment_variants': _non_negative_int(),
     'model.name': _choice(*MODELS),
     'model.width_mult': _positive_float(),
     'model.cifar_stem': _bool(),
@@ -84,6 +83,8 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'model.dropout': _fraction(),
     'model.frn_learned_eps': _bool(),
     'model.gn_groups': _positive_int(),
+    'model.frozen_bn': _choice('eval', 'train'),
+    'model.head_init': _choice('torch', 'flax'),
     'model.pretrained': _pretrained(),
     'model.dtype': _choice('float32', 'bfloat16'),
     'optim.name': _choice('adam', 'sgd'),
@@ -109,13 +110,14 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'train.on_nonfinite': _choice('stop', 'skip'),
     'train.monitor_every_steps': _non_negative_int(),
     'train.overwrite': _bool(),
+    'train.feature_cache': _str(),
 }
 
 # Fields that may change when a run resumes: they do not change what is computed.
 RESUMABLE_CHANGES = frozenset({
     'data.tfds_dir', 'data.source', 'train.num_epochs', 'train.max_steps',
     'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
-    'train.overwrite', 'train.eval_batch_size',
+    'train.overwrite', 'train.eval_batch_size', 'train.feature_cache',
 })
 
 

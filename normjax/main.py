@@ -10,8 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from normjax import config_schema, metrics_io, parallel, train
-from normjax.data.pipeline import DatasetUnavailableError
+from normjax import config_schema, errors, metrics_io, parallel, train
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -22,9 +21,6 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'jax.distributed: numb
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'jax.distributed: this process index.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# Errors a user can fix from the command line: one line, no traceback.
-USER_ERRORS = (config_schema.ConfigError, DatasetUnavailableError, train.CheckpointError,
-               train.NonFiniteError)
 
 
 def _fail(message: str) -> None:
@@ -54,9 +50,9 @@ def main(argv: list[str]) -> None:
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except USER_ERRORS as e:
+  except errors.USER_ERRORS as e:
     _fail(str(e))
-  except train.Preempted as e:
+  except errors.Preempted as e:
     logging.warning('%s', e)
     sys.exit(128 + e.signum)
 

@@ -13,7 +13,7 @@ import ml_collections
 import optax
 
 from normjax import monitor
-from normjax.config_schema import ConfigError
+from normjax.errors import ConfigError
 
 OPTIMIZERS = ('adam', 'sgd')
 SCHEDULES = ('constant', 'cosine')

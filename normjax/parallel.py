@@ -14,7 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from normjax.config_schema import ConfigError
+from normjax.errors import ConfigError
 
 DATA_AXIS = 'data'
 

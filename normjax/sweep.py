@@ -21,7 +21,7 @@ from typing import Sequence
 from absl import logging
 import ml_collections
 
-from normjax import config_schema, metrics_io, report, train
+from normjax import config_schema, errors, metrics_io, report, train
 
 
 def config_stem(spec: str) -> str:
@@ -42,15 +42,15 @@ def load_all(specs: Sequence[str], overrides: Sequence[str]
   stems = [config_stem(s) for s in specs]
   duplicates = sorted({s for s in stems if stems.count(s) > 1})
   if duplicates:
-    raise config_schema.ConfigError(
+    raise errors.ConfigError(
         f'--configs: two configs share the workdir name {", ".join(duplicates)}')
   out = {}
   for stem, spec in zip(stems, specs):
     try:
       out[stem] = spec, config_schema.apply_overrides(config_schema.load_config(spec),
                                                       list(overrides))
-    except config_schema.ConfigError as e:
-      raise config_schema.ConfigError(f'{spec}: {e}') from e
+    except errors.ConfigError as e:
+      raise errors.ConfigError(f'{spec}: {e}') from e
   return out
 
 
@@ -72,7 +72,7 @@ def run_sweep(specs: Sequence[str], workdir: str | pathlib.Path,
     t0 = time.time()
     try:
       summary = train.train_and_evaluate(config, str(run_dir))
-    except train.Preempted:
+    except errors.Preempted:
       print(f'{tag}: preempted; rerun the same command to resume', flush=True)
       raise
     except Exception as e:  # pylint: disable=broad-except  # one failed run must not stop the rest
@@ -109,10 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   metrics_io.quiet_library_logs()
   try:
     failed = run_sweep(specs, args.workdir, args.set)
-  except config_schema.ConfigError as e:
+  except errors.ConfigError as e:
     print(f'sweep: error: {e}', file=sys.stderr)
     return 2
-  except train.Preempted as e:
+  except errors.Preempted as e:
     return 128 + e.signum
   if args.report:
     try:

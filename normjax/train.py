@@ -26,25 +26,9 @@ from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
 from normjax import config_schema, metrics_io, monitor, optim, parallel
+from normjax.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
 from normjax.data import augment, pipeline
 from normjax.models.factory import create_model
-
-
-class NonFiniteError(RuntimeError):
-  """The loss or gradient became NaN/inf and train.on_nonfinite is 'stop'."""
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint or workdir cannot be resumed (corrupted, or made by a different config)."""
-
-
-class Preempted(Exception):
-  """SIGTERM/SIGINT arrived; a checkpoint was saved at `step`."""
-
-  def __init__(self, step: int, signum: int):
-    super().__init__(f'preempted by signal {signum} at step {step}; checkpoint saved, '
-                     'rerun the same command to resume')
-    self.step, self.signum = step, signum
 
 
 def _average(values: jax.Array, weights: jax.Array) -> clu_metrics.Average:
@@ -297,7 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config = config_schema.validate(config)
   if '://' in str(workdir):
-    raise config_schema.ConfigError(
+    raise ConfigError(
         f'--workdir={workdir}: URLs are not supported (metrics.jsonl is appended in place); mount the '
         'bucket (e.g. gcsfuse) or use a shared NFS directory and pass that path')
   workdir = pathlib.Path(workdir).absolute()
@@ -466,7 +450,7 @@ def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainSta
 def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState, shardings) -> TrainState:
   from normjax import pretrained  # pylint: disable=g-import-not-at-top  (torch only when needed)
   if config.model.name != 'mobilenet_v2' and not (pathlib.Path(config.model.pretrained) / 'checkpoints').is_dir():
-    raise config_schema.ConfigError(
+    raise ConfigError(
         f'config.model.pretrained = {config.model.pretrained!r}: pretrained weights exist only for '
         f'model.name=mobilenet_v2, not {config.model.name!r}; use pretrained=none or a normjax workdir')
   variables = pretrained.load_pretrained_backbone(

@@ -5,7 +5,7 @@ import pytest
 
 from configs import base
 from normjax import config_schema
-from normjax.config_schema import ConfigError
+from normjax.errors import ConfigError
 
 CONFIGS = sorted(p for p in pathlib.Path('configs').glob('*.py') if p.stem not in ('__init__', 'base'))
 

@@ -13,6 +13,7 @@ from PIL import Image
 import pytest
 
 from configs import base
+from normjax import errors
 from normjax.data import builders, pipeline, views
 
 
@@ -149,7 +150,7 @@ def test_cifar10_jpeg_record_order_is_reproducible(tmp_path):
 
 def test_missing_cifar_names_the_fields_and_the_remedy(tmp_path, monkeypatch):
   monkeypatch.delenv(pipeline.ENV_DATA_DIR, raising=False)
-  with pytest.raises(pipeline.DatasetUnavailableError) as error:
+  with pytest.raises(errors.DatasetUnavailableError) as error:
     pipeline.load_splits(data_config('cifar10_jpeg', tmp_path / 'tfds'), seed=0)
   message = str(error.value)
   assert "data.name='cifar10_jpeg'" in message
@@ -162,7 +163,7 @@ def test_missing_cifar_names_the_fields_and_the_remedy(tmp_path, monkeypatch):
 def test_missing_fashion_mnist_names_the_source_tried(tmp_path, monkeypatch):
   monkeypatch.setenv(pipeline.ENV_DATA_DIR, str(tmp_path / 'elsewhere'))
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(pipeline.DatasetUnavailableError) as error:
+  with pytest.raises(errors.DatasetUnavailableError) as error:
     pipeline.load_splits(data_config('fashion_mnist_idx', tmp_path / 'tfds', tmp_path / 'empty'), seed=0)
   message = str(error.value)
   assert f"found in data.source='{tmp_path / 'empty'}'" in message
@@ -173,7 +174,7 @@ def test_missing_fashion_mnist_names_the_source_tried(tmp_path, monkeypatch):
 
 def test_builtin_dataset_without_tensorflow_fails_before_downloading(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline, '_has_tensorflow', lambda: False)
-  with pytest.raises(pipeline.DatasetUnavailableError) as error:
+  with pytest.raises(errors.DatasetUnavailableError) as error:
     pipeline.load_splits(data_config('cifar10', tmp_path / 'tfds'), seed=0)
   message = str(error.value)
   assert "data.name='cifar10' is not prepared" in message and 'TensorFlow' in message

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from normjax import metrics_io, sweep, train
+from normjax import errors, metrics_io, sweep, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEMS = ('bn_noclip', 'ln_clip', 'frn_noclip')
@@ -131,7 +131,7 @@ def test_preemption_stops_the_sweep(tmp_path, monkeypatch, capsys):
 
   def preempted(config, workdir):
     seen.append(pathlib.Path(workdir).name)
-    raise train.Preempted(step=7, signum=15)
+    raise errors.Preempted(step=7, signum=15)
 
   monkeypatch.setattr(train, 'train_and_evaluate', preempted)
   assert sweep.main([f'--configs={CONFIGS}', f'--workdir={tmp_path}']) == 128 + 15

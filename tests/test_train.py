@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from normjax import metrics_io, train
+from normjax import errors, metrics_io, train
 
 TIMING_KEYS = {'images_per_sec'}
 
@@ -92,7 +92,7 @@ def test_different_config_in_same_workdir_is_refused(config, tmp_path):
   config.train.max_steps = 3
   train.train_and_evaluate(config, str(tmp_path))
   config.optim.lr = 0.5
-  with pytest.raises(train.CheckpointError, match=r'different config \(optim.lr: 0.003 -> 0.5\)'):
+  with pytest.raises(errors.CheckpointError, match=r'different config \(optim.lr: 0.003 -> 0.5\)'):
     train.train_and_evaluate(config, str(tmp_path))
   config.train.overwrite = True
   summary = train.train_and_evaluate(config, str(tmp_path))
@@ -108,7 +108,7 @@ def test_corrupted_checkpoint_is_an_error_not_a_fresh_start(config, tmp_path):
     if f.is_file():
       f.write_bytes(b'garbage')
   config.train.max_steps = 12
-  with pytest.raises(train.CheckpointError, match='cannot restore checkpoint step 6'):
+  with pytest.raises(errors.CheckpointError, match='cannot restore checkpoint step 6'):
     train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -118,7 +118,7 @@ def test_nonfinite_stop_names_step_and_keeps_last_good_checkpoint(config, tmp_pa
   config.optim.lr = 1e30  # diverges within a few steps
   config.train.checkpoint_every_steps = 1
   config.train.log_every_steps = 1
-  with pytest.raises(train.NonFiniteError, match=r'non-finite loss or gradient at step \d+') as e:
+  with pytest.raises(errors.NonFiniteError, match=r'non-finite loss or gradient at step \d+') as e:
     train.train_and_evaluate(config, str(tmp_path))
   bad = int(str(e.value).split('at step ')[1].split()[0])
   step, params = latest_params(tmp_path)

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from normjax.data import builders
+from normjax.errors import DatasetUnavailableError
 
 ENV_DATA_DIR = 'NORMJAX_DATA_DIR'
 
@@ -52,10 +53,6 @@ DATASETS = {
 
 # Tags that keep the random streams drawn from one seed apart.
 _VAL_STREAM, _SUBSET_STREAM, _EPOCH_STREAM = 0, 1, 2
-
-
-class DatasetUnavailableError(RuntimeError):
-  """The dataset is not prepared and cannot be prepared from what is here."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from normjax.config_schema import ConfigError
+from normjax.errors import ConfigError
 from normjax.models.classifier import Classifier
 from normjax.models.depthwise import DepthwiseConv
 from normjax.models.heads import LinearHead, NormFactory

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from normjax.config_schema import ConfigError
+from normjax.errors import ConfigError
 
 ModuleDef = Callable[..., nn.Module]
 
