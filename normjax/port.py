@@ -3,10 +3,14 @@
   python -m normjax.port --torchvision=torchvision_v1  # -> ~/.cache/normjax/torchvision_v1
   python -m normjax.port --torchvision=/path/mobilenet_v2-b0353104.pth --out=/ckpt/mnv2
 
-The checkpoint holds {'params': ..., 'batch_stats': ...} of `mobilenet_v2(num_classes)`;
-pass its directory as config.model.pretrained (or to load_pretrained_backbone).
+A name is read from $NORMJAX_DATA_DIR/torchvision/<file>, else torch's hub cache, else
+downloaded into that cache (pretrained.named_state_dict); no torch is needed. The checkpoint
+holds {'params': ..., 'batch_stats': ...} of `mobilenet_v2(num_classes)`; pass its directory
+as config.model.pretrained (or to load_pretrained_backbone). A missing, corrupt or
+mismatched weight file prints `normjax.port: error: ...` and exits 2.
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -14,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from normjax import pretrained
+from normjax.errors import WeightsError
 from normjax.models.mobilenet_v2 import mobilenet_v2
 
 _TORCHVISION = flags.DEFINE_string(
@@ -37,9 +42,14 @@ def main(argv: list[str]) -> None:
   out = os.path.abspath(_OUT.value or os.path.join(pretrained.default_cache_dir(), source))
   if os.path.exists(out) and not _OVERWRITE.value:
     raise app.UsageError(f'--out={out} exists; pass --overwrite to replace it')
-  state_dict = (pretrained.named_state_dict(source) if named
-                else pretrained.read_state_dict(source))
-  variables = pretrained.port_state_dict(state_dict, mobilenet_v2(num_classes=_NUM_CLASSES.value))
+  try:
+    state_dict = (pretrained.named_state_dict(source) if named
+                  else pretrained.read_state_dict(source))
+    variables = pretrained.port_state_dict(state_dict,
+                                           mobilenet_v2(num_classes=_NUM_CLASSES.value))
+  except WeightsError as e:
+    print(f'normjax.port: error: {e}', file=sys.stderr)
+    sys.exit(2)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(out, variables, force=_OVERWRITE.value)
   count = lambda t: sum(x.size for x in jax.tree.leaves(t))

@@ -15,6 +15,12 @@ uses. torch's running_var tracks the unbiased (n-1) batch variance; it is copied
 and normjax's BN tracks the unbiased estimate too, so fine-tuning continues the same
 statistic.
 
+Files are read without torch (normjax.torch_checkpoint: a restricted unpickler, sha256 checked
+against torchvision's `<name>-<hex>.pth` file names). A named spec (TORCHVISION_WEIGHTS) is
+found offline first: the ported checkpoint ~/.cache/normjax/<spec>, then
+$NORMJAX_DATA_DIR/torchvision/<file>, then torch's hub cache ($TORCH_HOME/hub/checkpoints/<file>),
+then a download into that cache. Every problem with a spec or its file is a WeightsError.
+
 Only width_mult=1.0 weights exist; a model with another width fails with the shape
 mismatches listed. `cifar_stem` changes strides, not shapes, so ImageNet weights load
 into it (they then see features at a different scale than in pretraining).
@@ -22,14 +28,20 @@ into it (they then see features at a different scale than in pretraining).
 import os
 import re
 from typing import Any, Mapping
+import urllib.parse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from normjax import torch_checkpoint
+from normjax.errors import WeightsError
 from normjax.models.classifier import Classifier
 from normjax.models.mobilenet_v2 import mobilenet_v2
+
+# normjax.data.pipeline.ENV_DATA_DIR, not imported from there: that module imports tfds.
+ENV_DATA_DIR = 'NORMJAX_DATA_DIR'
 
 # torchvision.models.MobileNet_V2_Weights (torchvision/models/mobilenetv2.py).
 TORCHVISION_WEIGHTS = {
@@ -84,10 +96,18 @@ def _variable_shapes(module: Classifier) -> dict[tuple[str, ...], tuple[int, ...
   return {k: v.shape for k, v in traverse_util.flatten_dict(variables).items()}
 
 
-def port_state_dict(state_dict: Mapping[str, Any], module: Classifier) -> dict[str, Any]:
-  """Maps a torchvision MobileNetV2 state_dict onto `module`'s variables.
+def _as_numpy(value: Any) -> np.ndarray:
+  """A state_dict value as float32 numpy: numpy arrays (torch_checkpoint) or torch tensors."""
+  if hasattr(value, 'detach'):  # a torch.Tensor, converted without importing torch
+    value = value.detach().cpu().float().numpy()
+  return np.asarray(value, np.float32)
 
-  Raises one ValueError listing every missing key, every unexpected key and every
+
+def port_state_dict(state_dict: Mapping[str, Any], module: Classifier) -> dict[str, Any]:
+  """Maps a torchvision MobileNetV2 state_dict (numpy arrays or torch tensors) onto `module`'s
+  variables.
+
+  Raises one WeightsError listing every missing key, every unexpected key and every
   shape mismatch (torch shape vs the torch shape `module` expects).
   """
   expected = {torch_key(k[0], k[1:]): (k, shape) for k, shape in _variable_shapes(module).items()}
@@ -97,7 +117,7 @@ def port_state_dict(state_dict: Mapping[str, Any], module: Classifier) -> dict[s
   flat, mismatched = {}, []
   for key in sorted(set(given) & set(expected)):
     path, shape = expected[key]
-    value = _to_flax(given[key].detach().cpu().float().numpy())
+    value = _to_flax(_as_numpy(given[key]))
     if value.shape != shape:
       mismatched.append(f'  {key}: torch shape {tuple(given[key].shape)}, expected '
                         f'{torch_shape(shape)} (flax {path[-1]} {shape})')
@@ -110,18 +130,23 @@ def port_state_dict(state_dict: Mapping[str, Any], module: Classifier) -> dict[s
       lines += [f'unexpected keys ({len(unexpected)}):'] + [f'  {k}' for k in unexpected]
     if mismatched:
       lines += [f'shape mismatches ({len(mismatched)}):'] + mismatched
-    raise ValueError('\n'.join(lines))
+    raise WeightsError('\n'.join(lines))
   return traverse_util.unflatten_dict(flat)
 
 
-def read_state_dict(path_or_url: str) -> dict[str, Any]:
-  """A torch state_dict from a file or an http(s) URL (downloaded into torch's hub cache)."""
-  import torch  # pylint: disable=g-import-not-at-top  # optional dependency, only for porting
+def read_state_dict(path_or_url: str) -> dict[str, np.ndarray]:
+  """A torch state_dict, read without torch, from a file or an http(s) URL.
+
+  A URL is downloaded once into torch's hub cache (<hub_dir>/checkpoints/<file name>), where
+  torch.hub.load_state_dict_from_url would put it. A torchvision-style name
+  `<name>-<hex>.pth` must match the file's sha256 (torch_checkpoint.check_hash).
+  """
   if path_or_url.startswith(('http://', 'https://')):
-    # check_hash: torchvision's file names carry the sha256 prefix.
-    return torch.hub.load_state_dict_from_url(path_or_url, map_location='cpu', check_hash=True,
-                                              weights_only=True)
-  return torch.load(path_or_url, map_location='cpu', weights_only=True)
+    path = _hub_checkpoint(path_or_url)
+    if not os.path.isfile(path):
+      torch_checkpoint.download(path_or_url, path)
+    return torch_checkpoint.load_state_dict(path)
+  return torch_checkpoint.load_state_dict(path_or_url)
 
 
 def load_torchvision_mobilenet_v2(path_or_url: str,
@@ -133,30 +158,52 @@ def load_torchvision_mobilenet_v2(path_or_url: str,
 
 def _hub_checkpoint(url: str) -> str:
   """The file torch.hub.load_state_dict_from_url caches `url` in."""
-  import torch  # pylint: disable=g-import-not-at-top
-  return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(url))
+  name = os.path.basename(urllib.parse.urlparse(url).path)
+  return os.path.join(torch_checkpoint.hub_dir(), 'checkpoints', name)
 
 
-def named_state_dict(spec: str, cache_dir: str | None = None) -> dict[str, Any]:
-  """The state_dict of a TORCHVISION_WEIGHTS name: torch's hub cache file, else a download.
+def named_state_dict(spec: str, cache_dir: str | None = None,
+                     ported_dir: str | None = None) -> dict[str, np.ndarray]:
+  """The state_dict of a TORCHVISION_WEIGHTS name, from the first of
+  $NORMJAX_DATA_DIR/torchvision/<file>, torch's hub cache file, a download into that cache.
 
-  cache_dir only names, in the offline error, where a ported checkpoint would be used.
+  A file that is found but corrupt is an error, not skipped. When nothing works, one
+  WeightsError lists every place looked at (`ported_dir` first: the ported checkpoint the
+  caller looked for) and what to do; cache_dir names where `python -m normjax.port` would
+  write that checkpoint.
   """
   url = TORCHVISION_WEIGHTS[spec]
+  name = os.path.basename(urllib.parse.urlparse(url).path)
+  looked = []
+  if ported_dir is not None:
+    looked.append(f'ported checkpoint {ported_dir}: no such directory')
+  data_dir = os.environ.get(ENV_DATA_DIR)
+  if data_dir:
+    data_file = os.path.join(data_dir, 'torchvision', name)
+    if os.path.isfile(data_file):
+      return torch_checkpoint.load_state_dict(data_file)
+    looked.append(f'${ENV_DATA_DIR}/torchvision: {data_file}: no such file')
+  else:
+    data_file = os.path.join('$' + ENV_DATA_DIR, 'torchvision', name)
+    looked.append(f'${ENV_DATA_DIR}/torchvision: ${ENV_DATA_DIR} is not set')
   hub_file = _hub_checkpoint(url)
   if os.path.isfile(hub_file):
-    return read_state_dict(hub_file)
+    return torch_checkpoint.load_state_dict(hub_file)
+  looked.append(f'torch hub cache: {hub_file}: no such file')
   try:
-    return read_state_dict(url)
-  except Exception as e:  # offline: URLError, OSError, HTTPError, ...
+    torch_checkpoint.download(url, hub_file)
+  except WeightsError as e:
+    looked.append(str(e))
     out = os.path.join(cache_dir or default_cache_dir(), spec)
-    raise FileNotFoundError(
-        f'Cannot get pretrained weights {spec!r}: download of {url} failed ({e!r}).\n'
-        f'Download {url} (file {os.path.basename(url)}) on a machine with internet and either\n'
-        f'  put it at {hub_file} (torch hub cache; $TORCH_HOME moves it), or\n'
+    raise WeightsError(
+        f'Cannot get pretrained weights {spec!r} (file {name}). Looked, in order, at:\n'
+        + ''.join(f'  {i}. {line}\n' for i, line in enumerate(looked, 1))
+        + f'Download {url} on a machine with internet and either\n'
+        f'  put it at {hub_file} (torch hub cache; $TORCH_HOME moves it) or at {data_file}, or\n'
         f'  pass its path as the pretrained spec, or\n'
         f'  run `python -m normjax.port --torchvision={spec} --out={out}` where the file or the\n'
-        f'  internet is available and copy that directory to {out}.') from e
+        f'  internet is available and copy that directory to {out}.') from None
+  return torch_checkpoint.load_state_dict(hub_file)
 
 
 def _replace_backbone(variables: Mapping[str, Any], params: Any, batch_stats: Any,
@@ -164,8 +211,8 @@ def _replace_backbone(variables: Mapping[str, Any], params: Any, batch_stats: An
   """`variables` with the backbone's params and batch_stats replaced, after a structure check."""
   model_stats = (variables.get('batch_stats') or {}).get('backbone', {})
   if batch_stats and not model_stats:
-    raise ValueError(f'pretrained {source} has BatchNorm statistics but the model has no '
-                     f'batch_stats: use the bn backbone norm with pretrained weights.')
+    raise WeightsError(f'pretrained {source} has BatchNorm statistics but the model has no '
+                       f'batch_stats: use the bn backbone norm with pretrained weights.')
   problems = []
   for collection, new, target in (('params', params, variables['params']['backbone']),
                                   ('batch_stats', batch_stats, model_stats)):
@@ -178,7 +225,7 @@ def _replace_backbone(variables: Mapping[str, Any], params: Any, batch_stats: An
     problems += [f'  {collection}/backbone/{k}: pretrained {new[k].shape}, model {target[k].shape}'
                  for k in sorted(set(new) & set(target)) if new[k].shape != target[k].shape]
   if problems:
-    raise ValueError(
+    raise WeightsError(
         f'pretrained backbone {source} does not fit the model (torchvision weights need '
         f'width_mult=1.0):\n' + '\n'.join(problems))
   cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
@@ -191,8 +238,13 @@ def _replace_backbone(variables: Mapping[str, Any], params: Any, batch_stats: An
 
 def _restore_orbax(path: str) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # slow import
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.abspath(path))
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      return checkpointer.restore(os.path.abspath(path))
+  except Exception as e:  # orbax raises many types for unreadable directories
+    first = str(e).splitlines()[0] if str(e) else ''
+    raise WeightsError(f'cannot read {path} as a checkpoint written by `python -m normjax.port`: '
+                       f'{type(e).__name__}: {first}') from None
 
 
 def _num_classes(state_dict: Mapping[str, Any]) -> int:
@@ -207,16 +259,17 @@ def load_pretrained_backbone(spec: str, variables: Mapping[str, Any], *,
   spec: 'torchvision_v1' | 'torchvision_v2' (see TORCHVISION_WEIGHTS), a directory
   written by `python -m normjax.port`, a normjax run's workdir (its latest checkpoint:
   self-pretraining), or a torch state_dict file (.pth).
-  A named spec is looked up as: the ported checkpoint <cache_dir>/<spec> (cache_dir
-  defaults to ~/.cache/normjax), torch's hub cache file, then a download.
-  The head is left as it is.
+  A named spec is looked up, offline first, as: the ported checkpoint <cache_dir>/<spec>
+  (cache_dir defaults to ~/.cache/normjax), $NORMJAX_DATA_DIR/torchvision/<file>, torch's
+  hub cache file, then a download into that cache (see named_state_dict).
+  The head is left as it is. Every problem with the spec or its files is a WeightsError.
   """
   if spec in TORCHVISION_WEIGHTS:
     ported = os.path.join(cache_dir or default_cache_dir(), spec)
     if os.path.isdir(ported):
       spec = ported
     else:
-      state_dict = named_state_dict(spec, cache_dir)
+      state_dict = named_state_dict(spec, cache_dir, ported_dir=ported)
       ported = port_state_dict(state_dict, mobilenet_v2(_num_classes(state_dict)))
       return _replace_backbone(variables, ported['params']['backbone'],
                                ported['batch_stats']['backbone'], spec)
@@ -229,12 +282,12 @@ def load_pretrained_backbone(spec: str, variables: Mapping[str, Any], *,
     state_dict = read_state_dict(spec)
     restored = port_state_dict(state_dict, mobilenet_v2(_num_classes(state_dict)))
   else:
-    raise FileNotFoundError(
+    raise WeightsError(
         f'pretrained spec {spec!r} is neither one of {sorted(TORCHVISION_WEIGHTS)}, a checkpoint '
         f'directory written by `python -m normjax.port`, a normjax workdir, nor a torch state_dict file.')
   try:
     params, batch_stats = restored['params']['backbone'], (restored.get('batch_stats') or {}).get('backbone', {})
-  except (KeyError, TypeError) as e:
-    raise ValueError(f'{spec}: expected params/backbone and batch_stats/backbone, found top-level '
-                     f'keys {sorted(restored)}') from e
+  except (KeyError, TypeError, AttributeError) as e:
+    raise WeightsError(f'{spec}: expected params/backbone and batch_stats/backbone, found '
+                       f'top-level keys {sorted(restored)}') from e
   return _replace_backbone(variables, params, batch_stats, spec)
