@@ -2,7 +2,7 @@ r"""Study run BN-Clip: MobileNetV2 (ImageNet, torchvision V1) frozen but feature
 
   python -m normjax.main --config=configs/bn_clip.py --workdir=workdir/study/bn_clip
 
-Recipe (study.md section 1): CIFAR-10 (tfds, original) 80/20 split, 224x224, batch 64,
+Recipe (study.md section 1): CIFAR-10 (original python release, local or downloaded) 80/20 split, 224x224, batch 64,
 Adam head 1e-3 / features.18 1e-5, 15 epochs, clip_by_global_norm 1.0.
 Expected: the study reports 90.71% final val accuracy (75.16% after epoch 1).
 Quick CPU check of the pipeline (offline, cifar10_jpeg, no weights):
@@ -12,4 +12,4 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-  return base.study('bn', 'global_norm', arg)
+  return base.study('bn', 'global_norm', arg, __file__)

@@ -2,7 +2,7 @@ r"""Study run BN-NoClip: MobileNetV2 (ImageNet, torchvision V1) frozen but featu
 
   python -m normjax.main --config=configs/bn_noclip.py --workdir=workdir/study/bn_noclip
 
-Recipe (study.md section 1): CIFAR-10 (tfds, original) 80/20 split, 224x224, batch 64,
+Recipe (study.md section 1): CIFAR-10 (original python release, local or downloaded) 80/20 split, 224x224, batch 64,
 Adam head 1e-3 / features.18 1e-5, 15 epochs.
 Expected: the study reports 89.64% final val accuracy (73.73% after epoch 1).
 Quick CPU check of the pipeline (offline, cifar10_jpeg, no weights):
@@ -12,4 +12,4 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-  return base.study('bn', 'none', arg)
+  return base.study('bn', 'none', arg, __file__)

@@ -6,11 +6,14 @@ r"""LightCNN (6,218 params) on Fashion-MNIST with the study's MNIST schedule: Ad
 Expected: test accuracy 0.888 on the real Fashion-MNIST test set (best val 0.896),
 6,218 params, 1,174 s on 2 CPU cores (measured 2026-11-24, README "Results").
 The study (section 4) reports 98.61% on MNIST; Fashion-MNIST is harder.
+Quick CPU check of the pipeline (20 steps):
+  python -m normjax.main --config=configs/lightcnn_fmnist.py:quick --workdir=workdir/quick/lightcnn_fmnist
 """
 from configs import base
 
 
 def get_config(arg: str | None = None):
+  args = base.parse_arg(arg, __file__, quick=False)
   config = base.get_config()
   config.data.name = 'fashion_mnist_idx'
   config.data.image_size = 28
@@ -27,4 +30,4 @@ def get_config(arg: str | None = None):
   config.train.log_every_steps = 250
   config.train.checkpoint_every_steps = 1500
   config.train.monitor_every_steps = 750
-  return base.quick(config) if arg == 'quick' else config
+  return base.quick(config) if args.quick else config

@@ -6,11 +6,13 @@ r"""Normalizer-free MobileNetV2 (CIFAR variant) + AGC, from scratch on cifar10_j
 
 SGD+Nesterov, cosine LR, 30 epochs; AGC lambda follows the batch size
 (base.agc_lambda_for_batch) unless `lambda=` is given. Compare with
-configs/bn_scratch.py at the same arg.
+configs/bn_scratch.py at the same arg. Arguments (comma-separated): batch=N (default 128;
+LR 0.1 x N/256), lambda=X, cpu (width 0.5, 4,000 images, 3 epochs, 10% validation),
+quick (base.quick: 20 steps).
 Expected: see README "NF+AGC vs BN" for the measured accuracies (JPEG CIFAR-10).
 """
 from configs import base
 
 
 def get_config(arg: str | None = None):
-  return base.scratch('nf_mobilenet_v2', 'agc', arg)
+  return base.scratch('nf_mobilenet_v2', 'agc', arg, __file__)

@@ -5,11 +5,13 @@ r"""Smoke test: LightCNN on 2,000 real Fashion-MNIST images for 2 epochs (< 1 mi
 Expected: test accuracy 0.549 on the real Fashion-MNIST test set, 62 steps,
 ~55 s for the whole command on 2 CPU cores including install and data preparation
 (measured 2026-11-24). It checks the whole pipeline, not a result.
+Argument: `:quick` (base.quick: 20 steps).
 """
 from configs import base
 
 
 def get_config(arg: str | None = None):
+  args = base.parse_arg(arg, __file__, quick=False)
   config = base.get_config()
   config.data.name = 'fashion_mnist_idx'
   config.data.image_size = 28
@@ -27,4 +29,4 @@ def get_config(arg: str | None = None):
   config.train.log_every_steps = 10
   config.train.monitor_every_steps = 10
   config.train.checkpoint_every_steps = 20
-  return base.quick(config) if arg == 'quick' else config
+  return base.quick(config) if args.quick else config

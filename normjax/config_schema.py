@@ -5,6 +5,7 @@ rules. `tests/test_config_schema.py` asserts both name exactly the same fields.
 """
 import importlib.util
 import pathlib
+import re
 import sys
 from typing import Any, Callable
 
@@ -59,8 +60,15 @@ def _pretrained() -> tuple[Callable[[Any], bool], str]:
           'or a .pth file')
 
 
-DATASETS = ('cifar10', 'cifar10_jpeg', 'fashion_mnist', 'fashion_mnist_idx')
-MODELS = ('lightcnn', 'mobilenet_v2', 'nf_mobilenet_v2')
+def _layer_list(item: str, example: str) -> tuple[Callable[[Any], bool], str]:
+  pattern = re.compile(rf'({item}(,{item})*)?')
+  return ((lambda v: isinstance(v, str) and pattern.fullmatch(v.replace(' ', '')) is not None),
+          f'a comma-separated list like {example!r} (or empty)')
+
+
+DATASETS = ('cifar10', 'cifar10_jpeg', 'fashion_mnist', 'fashion_mnist_idx', 'mnist_idx')
+MODELS = ('lightcnn', 'mobilenet_v2', 'nf_mobilenet_v2', 'mlp', 'lenet', 'medium_light', 'ultra_light',
+          'cnn_mnist', 'tunable_cnn')
 
 SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'seed': _int(),
@@ -71,6 +79,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'data.val_fraction': _fraction(),
     'data.train_subset': _non_negative_int(),
     'data.augment': _bool(),
+    'data.normalize': _bool(),
     'data.crop_padding': _non_negative_int(),
     'data.augment_variants': _non_negative_int(),
     'model.name': _choice(*MODELS),
@@ -81,7 +90,10 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'model.head_norm': _choice('bn', 'ln', 'frn', 'gn', 'none'),
     'model.head_hidden': _positive_int(),
     'model.dropout': _fraction(),
+    'model.conv_layers': _layer_list(r'[1-9]\d*x[1-9]\d*', '32x3,64x5'),  # tunable_cnn
+    'model.dense_layers': _layer_list(r'[1-9]\d*', '128,64'),  # tunable_cnn
     'model.frn_learned_eps': _bool(),
+    'model.frn_dense': _choice('features', 'unit'),
     'model.gn_groups': _positive_int(),
     'model.frozen_bn': _choice('eval', 'train'),
     'model.head_init': _choice('torch', 'flax'),
@@ -108,6 +120,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'train.checkpoint_every_steps': _positive_int(),
     'train.keep_checkpoints': _positive_int(),
     'train.on_nonfinite': _choice('stop', 'skip'),
+    'train.max_skipped_fraction': _fraction(),
     'train.monitor_every_steps': _non_negative_int(),
     'train.overwrite': _bool(),
     'train.feature_cache': _str(),
@@ -117,7 +130,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
 RESUMABLE_CHANGES = frozenset({
     'data.tfds_dir', 'data.source', 'train.num_epochs', 'train.max_steps',
     'train.log_every_steps', 'train.checkpoint_every_steps', 'train.keep_checkpoints',
-    'train.overwrite', 'train.eval_batch_size', 'train.feature_cache',
+    'train.overwrite', 'train.eval_batch_size', 'train.feature_cache', 'train.max_skipped_fraction',
 })
 
 

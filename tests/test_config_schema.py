@@ -39,7 +39,7 @@ def test_study_recipe_constants():
 
 @pytest.mark.parametrize('field,value,message', [
     ('model.name', 'resnet', 'config.model.name = \'resnet\' is not allowed; expected one of: lightcnn, mobilenet_v2, nf_mobilenet_v2'),
-    ('data.name', 'mnist', 'config.data.name = \'mnist\' is not allowed; expected one of: cifar10, cifar10_jpeg, fashion_mnist, fashion_mnist_idx'),
+    ('data.name', 'mnist', 'config.data.name = \'mnist\' is not allowed; expected one of: cifar10, cifar10_jpeg, fashion_mnist, fashion_mnist_idx, mnist_idx'),
     ('model.head_norm', 'batch', 'expected one of: bn, ln, frn, gn, none'),
     ('train.batch_size', 0, 'config.train.batch_size = 0 is not allowed; expected an integer > 0'),
     ('optim.lr', -1e-3, 'config.optim.lr = -0.001 is not allowed; expected a number > 0'),
@@ -54,6 +54,23 @@ def test_bad_values_name_field_and_allowed_values(field, value, message):
     config_schema.validate(config)
   assert message in str(e.value)
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('name,model,epochs', [
+    ('lightcnn_mnist', 'lightcnn', 50), ('mnist_mlp', 'mlp', 50), ('mnist_lenet', 'lenet', 50),
+    ('mnist_medium_light', 'medium_light', 50), ('mnist_ultra_light', 'ultra_light', 50),
+    ('cnn_mnist', 'cnn_mnist', 15),
+])
+def test_seed_mnist_configs_follow_the_seed_recipe(name, model, epochs):
+  config = config_schema.load_config(f'configs/{name}.py')
+  assert (config.data.name, config.data.image_size, config.model.name) == ('mnist_idx', 28, model)
+  # study.md section 4: ToTensor only (no Normalize, no augmentation), 80/20 split, Adam.
+  assert config.data.normalize is False and config.data.augment is False
+  assert config.data.val_fraction == 0.2 and config.data.train_subset == 0
+  assert (config.optim.name, config.optim.lr, config.optim.backbone_lr) == ('adam', 1e-3, 1e-3)
+  assert (config.optim.clip, config.optim.weight_decay, config.optim.trainable_blocks) == ('none', 0.0, -1)
+  assert (config.train.batch_size, config.train.num_epochs, config.train.max_steps) == (64, epochs, 0)
+  assert (config.model.head, config.model.dropout, config.model.pretrained) == ('linear', 0.0, 'none')
 
 
 def test_unknown_field_is_named_with_its_siblings():

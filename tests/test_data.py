@@ -5,25 +5,34 @@ $NORMJAX_DATA_DIR (see conftest.py) and prepare each dataset once per session.
 """
 import gzip
 import hashlib
+import io
+import os
+import pickle
+import socket
+import struct
+import subprocess
+import sys
 import tarfile
 
 import matplotlib.image
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow_datasets as tfds
 
 from configs import base
 from normjax import errors
-from normjax.data import builders, pipeline, views
+from normjax.data import augment, builders, pipeline, views
 
 
-def data_config(name, tfds_dir, source='', val_fraction=0.2, train_subset=0):
+def data_config(name, tfds_dir, source='', val_fraction=0.2, train_subset=0, normalize=True):
   config = base.get_config().data
   config.name = name
   config.tfds_dir = str(tfds_dir)
   config.source = str(source)
   config.val_fraction = val_fraction
   config.train_subset = train_subset
+  config.normalize = normalize
   return config
 
 
@@ -42,7 +51,7 @@ def digests(split):
                 for image, label in zip(split.images, split.labels))
 
 
-# --- IDX and the fashion_mnist_idx builder on tiny files ---------------------
+# --- IDX and the fashion_mnist_idx / mnist_idx builder on tiny files ----------
 
 @pytest.mark.parametrize('suffix', ['.gz', ''])
 def test_read_idx_round_trips(tmp_path, suffix):
@@ -65,23 +74,29 @@ def test_read_idx_rejects_bad_files(tmp_path):
     builders.read_idx(tmp_path / 'short')
 
 
-def write_tiny_fashion_mnist(folder, n_train=12, n_test=5):
+def write_tiny_idx_release(folder, n_train=12, n_test=5):
   """Image i is filled with i and labelled i % 10, so pairs can be checked after shuffling."""
   folder.mkdir(parents=True)
   for split, n in (('train', n_train), ('test', n_test)):
-    images_file, labels_file = builders.FASHION_MNIST_FILES[split]
+    images_file, labels_file = builders.IDX_FILES[split]
     values = np.arange(n, dtype=np.uint8) + (100 if split == 'test' else 0)
     write_idx(folder / images_file, np.broadcast_to(values[:, None, None], (n, 28, 28)))
     write_idx(folder / labels_file, values % 10)
 
 
-def test_fashion_mnist_idx_builder_on_tiny_files(tmp_path):
-  write_tiny_fashion_mnist(tmp_path / 'raw' / 'fashion-mnist')
+@pytest.mark.parametrize('name,subfolder,classes,mean,std', [
+    ('fashion_mnist_idx', 'fashion-mnist', ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
+                                            'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'),
+     0.2860, 0.3530),
+    ('mnist_idx', 'mnist', ('0', '1', '2', '3', '4', '5', '6', '7', '8', '9'), 0.1307, 0.3081),
+])
+def test_idx_builders_on_tiny_files(tmp_path, name, subfolder, classes, mean, std):
+  write_tiny_idx_release(tmp_path / 'raw' / subfolder)
   splits = pipeline.load_splits(
-      data_config('fashion_mnist_idx', tmp_path / 'tfds', tmp_path / 'raw', val_fraction=0.25), seed=0)
+      data_config(name, tmp_path / 'tfds', tmp_path / 'raw', val_fraction=0.25), seed=0)
   assert (len(splits.train), len(splits.val), len(splits.test)) == (9, 3, 5)
-  assert splits.class_names == builders.FASHION_MNIST_CLASSES and splits.num_classes == 10
-  assert splits.mean == (0.2860,) and splits.std == (0.3530,)
+  assert splits.class_names == classes and splits.num_classes == 10
+  assert splits.mean == (mean,) and splits.std == (std,)
   for split in (splits.train, splits.val, splits.test):
     assert split.images.shape[1:] == (28, 28, 1) and split.images.dtype == np.uint8
     assert split.labels.dtype == np.int32
@@ -146,6 +161,301 @@ def test_cifar10_jpeg_record_order_is_reproducible(tmp_path):
   assert not (np.diff(first.train.labels) >= 0).all()
 
 
+# --- the original CIFAR-10 (python release) on a tiny release-format archive -------
+
+class Py2Pickler(pickle._Pickler):  # pylint: disable=protected-access
+  """Writes what Python 2's cPickle wrote for the CIFAR release (protocol 2).
+
+  Python 2 str (keys, labels' names, the array's raw bytes) is SHORT_BINSTRING
+  or BINSTRING, which Python 3 loads as bytes with encoding='bytes'; NumPy's
+  array reconstructor is named numpy.core.multiarray._reconstruct, as then.
+  """
+  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
+
+  def save_py2_str(self, obj):
+    data = obj.encode('latin-1') if isinstance(obj, str) else obj
+    if len(data) < 256:
+      self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+    else:
+      self.write(pickle.BINSTRING + struct.pack('<i', len(data)) + data)
+    self.memoize(obj)
+
+  def save_reconstruct(self, obj, name=None):
+    del name
+    self.write(pickle.GLOBAL + b'numpy.core.multiarray\n_reconstruct\n')
+    self.memoize(obj)
+
+  dispatch[str] = save_py2_str
+  dispatch[bytes] = save_py2_str
+  dispatch[type(np.ndarray.__reduce__(np.zeros(0))[0])] = save_reconstruct
+
+
+def py2_pickle(obj):
+  out = io.BytesIO()
+  Py2Pickler(out, protocol=2).dump(obj)
+  return out.getvalue()
+
+
+def release_rows(images):
+  """HWC images -> the release's rows: 1,024 red values (row-major), then green, then blue."""
+  return np.stack([np.concatenate([image[:, :, c].ravel() for c in range(3)]) for image in images])
+
+
+def write_cifar10_python(path, per_batch=3, label_names=builders.CIFAR10_CLASSES, members=None, seed=0):
+  """A cifar-10-python.tar.gz in the release's layout with `per_batch` random images per batch file.
+
+  Returns {split: (HWC images, labels)} as written. `members` overrides member bytes by name.
+  """
+  rng = np.random.default_rng(seed)
+  files, written = {}, {'train': ([], []), 'test': ([], [])}
+  for split, batches in (('train', [f'data_batch_{i}' for i in range(1, 6)]), ('test', ['test_batch'])):
+    for b, batch in enumerate(batches):
+      images = rng.integers(0, 256, (per_batch, 32, 32, 3), dtype=np.uint8)
+      labels = [int(x) for x in rng.integers(0, 10, per_batch)]
+      files[batch] = py2_pickle({
+          'batch_label': f'training batch {b + 1} of 5' if split == 'train' else 'testing batch 1 of 1',
+          'labels': labels, 'data': release_rows(images),
+          'filenames': [f'img_{batch}_{i}.png' for i in range(per_batch)]})
+      written[split][0].append(images)
+      written[split][1].append(labels)
+  files['batches.meta'] = py2_pickle({'num_cases_per_batch': per_batch, 'label_names': list(label_names),
+                                      'num_vis': 3072})
+  files['readme.html'] = b'<html></html>'
+  files.update(members or {})
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with tarfile.open(path, 'w:gz') as tar:
+    folder = tarfile.TarInfo('cifar-10-batches-py')
+    folder.type = tarfile.DIRTYPE
+    tar.addfile(folder)
+    for name, data in files.items():
+      info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return {split: (np.concatenate(i), np.concatenate(l)) for split, (i, l) in written.items()}
+
+
+def assert_same_examples(split, images, labels):
+  """The split holds exactly these (image, label) pairs, in any order."""
+  expected = pipeline.ArraySplit(images, labels.astype(np.int32))
+  assert len(split) == len(expected) and digests(split) == digests(expected)
+
+
+def test_release_rows_are_channel_planes():
+  image = np.zeros((1, 32, 32, 3), np.uint8)
+  image[0, 2, 5] = (10, 20, 30)  # row 2, column 5
+  row = release_rows(image)[0]
+  assert (row[2 * 32 + 5], row[1024 + 2 * 32 + 5], row[2048 + 2 * 32 + 5]) == (10, 20, 30)
+  assert row.sum() == 60
+
+
+def test_decode_cifar10_batch_is_chw_to_hwc():
+  rows = np.arange(2 * 3072).reshape(2, 3072).astype(np.uint8)
+  images, labels = builders.decode_cifar10_batch({b'data': rows, b'labels': [3, 7]}, 'b')
+  assert images.shape == (2, 32, 32, 3) and labels.tolist() == [3, 7]
+  for n, r, c, ch in ((0, 0, 0, 0), (0, 2, 5, 1), (1, 31, 30, 2), (1, 7, 0, 0)):
+    assert images[n, r, c, ch] == rows[n, ch * 1024 + r * 32 + c]
+
+
+@pytest.mark.parametrize('source', ['file', 'folder'])
+def test_cifar10_python_builder_on_tiny_release(tmp_path, monkeypatch, source):
+  archive = tmp_path / 'raw' / builders.CIFAR10_PYTHON_ARCHIVE
+  written = write_cifar10_python(archive)
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download',
+                      lambda *a: pytest.fail('downloaded although a local copy was given'))
+  splits = pipeline.load_splits(
+      data_config('cifar10', tmp_path / 'tfds', archive if source == 'file' else archive.parent, 0.0), seed=0)
+  assert (len(splits.train), len(splits.val), len(splits.test)) == (15, 0, 3)
+  assert splits.class_names == builders.CIFAR10_CLASSES
+  assert splits.mean == (0.4914, 0.4822, 0.4465) and splits.std == (0.2023, 0.1994, 0.2010)
+  for split, name in ((splits.train, 'train'), (splits.test, 'test')):
+    assert split.images.shape[1:] == (32, 32, 3) and split.images.dtype == np.uint8
+    assert_same_examples(split, *written[name])
+
+
+def test_cifar10_python_through_the_env_var_with_an_80_20_split(tmp_path, monkeypatch):
+  written = write_cifar10_python(tmp_path / 'data' / builders.CIFAR10_PYTHON_ARCHIVE, per_batch=4)
+  monkeypatch.setenv(pipeline.ENV_DATA_DIR, str(tmp_path / 'data'))
+  splits = pipeline.load_splits(data_config('cifar10', tmp_path / 'tfds'), seed=0)
+  assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 4, 4)
+  both = pipeline.ArraySplit(np.concatenate([splits.train.images, splits.val.images]),
+                             np.concatenate([splits.train.labels, splits.val.labels]))
+  assert_same_examples(both, *written['train'])
+
+
+def test_cifar10_class_names_come_from_batches_meta(tmp_path):
+  archive = tmp_path / builders.CIFAR10_PYTHON_ARCHIVE
+  write_cifar10_python(archive, label_names=('a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j'))
+  splits, class_names = builders.read_cifar10_python(archive)
+  assert class_names == ('a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j') and len(splits['test'][0]) == 3
+  # The builder's ClassLabel is CIFAR-10's: an archive that names other classes is refused.
+  with pytest.raises(errors.DatasetUnavailableError) as error:
+    pipeline.load_splits(data_config('cifar10', tmp_path / 'tfds', archive), seed=0)
+  assert "batches.meta names the classes ('a', 'b'" in str(error.value)
+  assert "not CIFAR-10's ('airplane', 'automobile'" in str(error.value)
+
+
+def test_cifar10_downloads_the_release_through_tfds(tmp_path, monkeypatch):
+  release = tmp_path / 'served' / builders.CIFAR10_PYTHON_ARCHIVE
+  written = write_cifar10_python(release)
+  urls = []
+
+  def fake_download(self, url):
+    del self
+    urls.append(url)
+    return release
+
+  monkeypatch.delenv(pipeline.ENV_DATA_DIR, raising=False)
+  monkeypatch.setattr(builders.socket, 'getaddrinfo', lambda *a: [])
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download', fake_download)
+  # The release's md5 does not match the tiny archive: refused, naming both.
+  with pytest.raises(errors.DatasetUnavailableError) as error:
+    pipeline.load_splits(data_config('cifar10', tmp_path / 'tfds_a', '', 0.0), seed=0)
+  assert f'has md5 {builders.md5sum(release)}, not the release\'s c58f30108f718f92721af3b95e74349a' in str(error.value)
+  monkeypatch.setattr(builders, 'CIFAR10_PYTHON_MD5', builders.md5sum(release))
+  splits = pipeline.load_splits(data_config('cifar10', tmp_path / 'tfds_b', '', 0.0), seed=0)
+  assert urls == ['https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'] * 2
+  assert_same_examples(splits.test, *written['test'])
+  assert_same_examples(splits.train, *written['train'])
+
+
+@pytest.mark.parametrize('env', ['unset', 'elsewhere'])
+def test_cifar10_offline_without_the_archive_says_what_to_do(tmp_path, monkeypatch, env):
+  def offline(*args):
+    raise socket.gaierror(-2, 'Name or service not known')
+
+  if env == 'unset':
+    monkeypatch.delenv(pipeline.ENV_DATA_DIR, raising=False)
+  else:
+    (tmp_path / 'elsewhere').mkdir()
+    monkeypatch.setenv(pipeline.ENV_DATA_DIR, str(tmp_path / 'elsewhere'))
+  monkeypatch.setattr(builders.socket, 'getaddrinfo', offline)
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download',
+                      lambda *a: pytest.fail('tried a download although the host does not resolve'))
+  with pytest.raises(errors.DatasetUnavailableError) as error:
+    pipeline.load_splits(data_config('cifar10', tmp_path / 'tfds'), seed=0)
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith("data.name='cifar10' needs cifar-10-python.tar.gz")
+  assert 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz failed (cannot resolve www.cs.toronto.edu' in message
+  assert 'Put the file in $NORMJAX_DATA_DIR or pass --config.data.source=/path/to/cifar-10-python.tar.gz' in message
+  assert '--config.data.name=cifar10_jpeg' in message
+  where = (f"none in $NORMJAX_DATA_DIR='{tmp_path / 'elsewhere'}'" if env == 'elsewhere'
+           else 'data.source is empty and $NORMJAX_DATA_DIR is not set')
+  assert where in message
+
+
+def test_cifar10_missing_at_an_explicit_source_does_not_download(tmp_path, monkeypatch):
+  (tmp_path / 'empty').mkdir()
+  monkeypatch.setattr(tfds.download.DownloadManager, 'download',
+                      lambda *a: pytest.fail('downloaded although data.source was given'))
+  with pytest.raises(errors.DatasetUnavailableError) as error:
+    pipeline.load_splits(data_config('cifar10', tmp_path / 'tfds', tmp_path / 'empty'), seed=0)
+  assert f"no cifar-10-python.tar.gz were found in data.source='{tmp_path / 'empty'}'" in str(error.value)
+  assert '--config.data.name=cifar10_jpeg' in str(error.value)
+
+
+@pytest.mark.parametrize('corruption,message', [
+    ('truncated', 'is not a readable CIFAR-10 python archive'),
+    ('not_gzip', 'is not a readable CIFAR-10 python archive (ReadError'),
+    ('missing_member', 'lacks cifar-10-batches-py/test_batch'),
+    ('bad_pickle', 'is not a readable CIFAR-10 python archive (EOFError: Ran out of input)'),
+    ('wrong_shape', 'cifar-10-batches-py/data_batch_3: b"data" is not an (N, 3072) uint8 array'),
+    ('bad_labels', 'cifar-10-batches-py/data_batch_1: b"labels" is not 3 integers in 0..9'),
+])
+def test_corrupt_cifar10_archive_is_one_line_error(tmp_path, corruption, message):
+  archive = tmp_path / 'raw' / builders.CIFAR10_PYTHON_ARCHIVE
+  if corruption == 'not_gzip':
+    archive.parent.mkdir()
+    archive.write_bytes(b'not an archive at all' * 100)
+  elif corruption == 'missing_member':
+    write_cifar10_python(archive)
+    with tarfile.open(archive) as tar:
+      kept = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar if 'test_batch' not in m.name]
+    with tarfile.open(archive, 'w:gz') as tar:
+      for member, data in kept:
+        tar.addfile(member, io.BytesIO(data) if data is not None else None)
+  else:
+    members = {
+        'bad_pickle': {'data_batch_2': b'\x80\x02}q\x00(U\x04data'},  # cut off mid-pickle
+        'wrong_shape': {'data_batch_3': py2_pickle({'data': np.zeros((3, 1024), np.uint8), 'labels': [0, 1, 2]})},
+        'bad_labels': {'data_batch_1': py2_pickle({'data': np.zeros((3, 3072), np.uint8), 'labels': [0, 10, 2]})},
+    }.get(corruption)
+    write_cifar10_python(archive, members=members)
+    if corruption == 'truncated':
+      archive.write_bytes(archive.read_bytes()[:len(archive.read_bytes()) // 2])
+  with pytest.raises(errors.DatasetUnavailableError) as error:
+    pipeline.load_splits(data_config('cifar10', tmp_path / 'tfds', archive), seed=0)
+  assert message in str(error.value) and str(archive) in str(error.value)
+  assert '\n' not in str(error.value)
+  assert 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz' in str(error.value)
+
+
+def test_release_unpickler_refuses_every_other_global(tmp_path):
+  marker = tmp_path / 'ran'
+  exploit = b'cposix\nsystem\n(S"touch ' + str(marker).encode() + b'"\ntR.'
+  with pytest.raises(pickle.UnpicklingError, match='global posix.system is not allowed'):
+    builders.load_release_pickle(io.BytesIO(exploit))
+  for module, name in (('builtins', 'eval'), ('numpy', 'load'), ('numpy.core.multiarray', 'scalar')):
+    with pytest.raises(pickle.UnpicklingError, match=f'global {module}.{name} is not allowed'):
+      builders.load_release_pickle(io.BytesIO(f'c{module}\n{name}\n.'.encode()))
+  assert not marker.exists()
+  # What the release holds does load: builtins and a plain uint8 array.
+  batch = builders.load_release_pickle(io.BytesIO(py2_pickle({'labels': [1], 'data': np.ones((1, 3), np.uint8)})))
+  assert batch[b'labels'] == [1] and batch[b'data'].dtype == np.uint8
+
+
+def test_cifar10_python_prepares_without_tensorflow(tmp_path):
+  blocker = tmp_path / 'block'
+  blocker.mkdir()
+  # Hide tensorflow from the path finder, as tests/test_train.py does.
+  (blocker / 'sitecustomize.py').write_text(
+      'import sys\n'
+      'from importlib.machinery import PathFinder\n'
+      'class HideTF(PathFinder):\n'
+      '  @classmethod\n'
+      '  def find_spec(cls, name, path=None, target=None):\n'
+      '    if name == "tensorflow" or name.startswith("tensorflow."):\n'
+      '      return None\n'
+      '    return super().find_spec(name, path, target)\n'
+      'sys.meta_path = [HideTF if f is PathFinder else f for f in sys.meta_path]\n')
+  archive = tmp_path / builders.CIFAR10_PYTHON_ARCHIVE
+  written = write_cifar10_python(archive)
+  np.save(tmp_path / 'expected.npy', written['test'][0])
+  script = (
+      'import sys, numpy as np\n'
+      'from configs import base\n'
+      'from normjax.data import pipeline\n'
+      'c = base.get_config().data\n'
+      f'c.name, c.tfds_dir, c.source = "cifar10", {str(tmp_path / "tfds")!r}, {str(archive)!r}\n'
+      's = pipeline.load_splits(c, 0)\n'
+      f'expected = np.load({str(tmp_path / "expected.npy")!r})\n'
+      'assert sorted(map(bytes, s.test.images)) == sorted(map(bytes, expected))\n'
+      'assert "tensorflow" not in sys.modules\n'
+      'print("ok", len(s.train), len(s.val), len(s.test))\n')
+  env = {**os.environ, 'PYTHONPATH': f'{blocker}{os.pathsep}{os.getcwd()}'}
+  result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split()[-4:] == ['ok', '12', '3', '3']
+
+
+# --- data.normalize -----------------------------------------------------------------
+
+@pytest.mark.parametrize('normalize', [True, False])
+def test_normalize_false_is_plain_zero_one_scaling(tmp_path, normalize):
+  write_tiny_idx_release(tmp_path / 'raw' / 'mnist')
+  splits = pipeline.load_splits(data_config('mnist_idx', tmp_path / 'tfds', tmp_path / 'raw',
+                                            normalize=normalize), seed=0)
+  images = splits.test.images
+  x = np.asarray(augment.eval_preprocess(images, image_size=28, mean=splits.mean, std=splits.std))
+  if normalize:
+    np.testing.assert_allclose(x, (images / 255.0 - 0.1307) / 0.3081, rtol=1e-5, atol=1e-5)
+  else:
+    assert splits.mean == (0.0,) and splits.std == (1.0,)
+    # ToTensor: exactly x / 255 in float32.
+    np.testing.assert_array_equal(x, images.astype(np.float32) / np.float32(255))
+    assert x.min() >= 0 and x.max() <= 1
+
+
 # --- errors -------------------------------------------------------------------
 
 def test_missing_cifar_names_the_fields_and_the_remedy(tmp_path, monkeypatch):
@@ -157,7 +467,8 @@ def test_missing_cifar_names_the_fields_and_the_remedy(tmp_path, monkeypatch):
   assert 'data.source is empty and $NORMJAX_DATA_DIR is not set' in message
   assert '--config.data.source=/path/to/cifar10-jpeg.tar.gz' in message
   assert 'NORMJAX_DATA_DIR=/folder/holding/it' in message
-  assert '--config.data.name=cifar10 on a machine with internet' in message
+  assert '--config.data.name=cifar10 (the original python release' in message
+  assert '\n' not in message
 
 
 def test_missing_fashion_mnist_names_the_source_tried(tmp_path, monkeypatch):
@@ -172,18 +483,29 @@ def test_missing_fashion_mnist_names_the_source_tried(tmp_path, monkeypatch):
   assert '/usr/share/datasets/fashion-mnist' in message
 
 
-def test_builtin_dataset_without_tensorflow_fails_before_downloading(tmp_path, monkeypatch):
+def test_missing_mnist_names_the_files_and_the_subfolder(tmp_path, monkeypatch):
+  monkeypatch.setenv(pipeline.ENV_DATA_DIR, str(tmp_path))  # holds no mnist/
+  with pytest.raises(errors.DatasetUnavailableError) as error:
+    pipeline.load_splits(data_config('mnist_idx', tmp_path / 'tfds'), seed=0)
+  message = str(error.value)
+  assert 'no MNIST IDX files (train-images-idx3-ubyte.gz' in message
+  assert f"found in $NORMJAX_DATA_DIR='{tmp_path}'" in message and 'mnist/ subfolder' in message
+
+
+def test_tfds_fashion_mnist_without_tensorflow_fails_before_downloading(tmp_path, monkeypatch):
+  assert tfds.builder_cls('fashion_mnist').__module__.startswith('tensorflow_datasets.')
+  assert pipeline.DATASETS['fashion_mnist'].tfds_name == 'fashion_mnist'  # tfds's own, as before
   monkeypatch.setattr(pipeline, '_has_tensorflow', lambda: False)
   with pytest.raises(errors.DatasetUnavailableError) as error:
-    pipeline.load_splits(data_config('cifar10', tmp_path / 'tfds'), seed=0)
+    pipeline.load_splits(data_config('fashion_mnist', tmp_path / 'tfds'), seed=0)
   message = str(error.value)
-  assert "data.name='cifar10' is not prepared" in message and 'TensorFlow' in message
-  assert '--config.data.name=cifar10_jpeg' in message
+  assert "data.name='fashion_mnist' is not prepared" in message and 'TensorFlow' in message
+  assert '--config.data.name=fashion_mnist_idx' in message
 
 
 def test_unknown_dataset_name(tmp_path):
   with pytest.raises(ValueError, match=r"data.name='imagenet' is not one of \['cifar10', "
-                     r"'cifar10_jpeg', 'fashion_mnist', 'fashion_mnist_idx'\]"):
+                     r"'cifar10_jpeg', 'fashion_mnist', 'fashion_mnist_idx', 'mnist_idx'\]"):
     pipeline.load_splits(data_config('imagenet', tmp_path), seed=0)
 
 
@@ -200,6 +522,27 @@ def cifar(shared_data_dir, tfds_dir):
   """Full cifar10_jpeg, found through $NORMJAX_DATA_DIR (data.source empty)."""
   del shared_data_dir  # Only checks that the env var is set.
   return pipeline.load_splits(data_config('cifar10_jpeg', tfds_dir, '', 0.0), seed=0)
+
+
+@pytest.fixture(scope='module')
+def mnist(shared_data_dir, tfds_dir):
+  """Full MNIST, found as $NORMJAX_DATA_DIR/mnist (data.source empty)."""
+  del shared_data_dir  # Only checks that the env var is set.
+  return pipeline.load_splits(data_config('mnist_idx', tfds_dir, '', 0.0), seed=0)
+
+
+def test_real_mnist(mnist):
+  assert (len(mnist.train), len(mnist.val), len(mnist.test)) == (60000, 0, 10000)
+  assert mnist.train.images.shape == (60000, 28, 28, 1) and mnist.class_names == tuple('0123456789')
+  # The per-digit counts of the MNIST release (e.g. torchvision's and tfds's mnist agree).
+  np.testing.assert_array_equal(np.bincount(mnist.train.labels),
+                                [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+  np.testing.assert_array_equal(np.bincount(mnist.test.labels),
+                                [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+  pixels = mnist.train.images / 255.0
+  # The PyTorch example's constants are the training set's pixel mean and std (0.13066, 0.30811).
+  np.testing.assert_allclose(pixels.mean(), pipeline.MNIST_MEAN, atol=5e-5)
+  np.testing.assert_allclose(pixels.std(), pipeline.MNIST_STD, atol=5e-5)
 
 
 def test_real_fashion_mnist(fashion):

@@ -11,7 +11,7 @@ import importlib.util
 import os
 import pathlib
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 from absl import logging
 import ml_collections
@@ -31,24 +31,35 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 # units (computed over all pixels: 0.28604, 0.35302; test_data.py checks it).
 FASHION_MNIST_MEAN = (0.2860,)
 FASHION_MNIST_STD = (0.3530,)
+# MNIST's, as the PyTorch MNIST example normalizes (github.com/pytorch/examples,
+# mnist/main.py: Normalize((0.1307,), (0.3081,))); test_data.py checks them.
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
+
+# How a dataset is prepared: a normjax builder from local files only, a normjax
+# builder from a local copy or its download, or tfds's own builder (TensorFlow).
+LOCAL, LOCAL_OR_DOWNLOAD, TFDS = 'local', 'local_or_download', 'tfds'
 
 
 @dataclasses.dataclass(frozen=True)
 class _Dataset:
-  local: bool  # True: a normjax builder prepares it from local files.
+  tfds_name: str  # the tfds builder that prepares it
+  kind: str  # LOCAL | LOCAL_OR_DOWNLOAD | TFDS
   offline_name: str  # the data.name that holds the same data and prepares offline
   mean: tuple[float, ...]
   std: tuple[float, ...]
 
 
-# data.name -> how to get it. The tfds name equals data.name.
+# data.name -> how to get it.
 DATASETS = {
-    'cifar10': _Dataset(False, 'cifar10_jpeg', CIFAR10_MEAN, CIFAR10_STD),
-    'cifar10_jpeg': _Dataset(True, 'cifar10_jpeg', CIFAR10_MEAN, CIFAR10_STD),
-    'fashion_mnist': _Dataset(False, 'fashion_mnist_idx', FASHION_MNIST_MEAN,
+    'cifar10': _Dataset('cifar10_pickle', LOCAL_OR_DOWNLOAD, 'cifar10_jpeg', CIFAR10_MEAN,
+                        CIFAR10_STD),
+    'cifar10_jpeg': _Dataset('cifar10_jpeg', LOCAL, 'cifar10_jpeg', CIFAR10_MEAN, CIFAR10_STD),
+    'fashion_mnist': _Dataset('fashion_mnist', TFDS, 'fashion_mnist_idx', FASHION_MNIST_MEAN,
                               FASHION_MNIST_STD),
-    'fashion_mnist_idx': _Dataset(True, 'fashion_mnist_idx', FASHION_MNIST_MEAN,
-                                  FASHION_MNIST_STD),
+    'fashion_mnist_idx': _Dataset('fashion_mnist_idx', LOCAL, 'fashion_mnist_idx',
+                                  FASHION_MNIST_MEAN, FASHION_MNIST_STD),
+    'mnist_idx': _Dataset('mnist_idx', LOCAL, 'mnist_idx', MNIST_MEAN, MNIST_STD),
 }
 
 # Tags that keep the random streams drawn from one seed apart.
@@ -76,7 +87,9 @@ class Splits:
   val: ArraySplit
   test: ArraySplit
   class_names: tuple[str, ...]
-  mean: tuple[float, ...]  # per channel, in [0, 1] units
+  # Per channel, in [0, 1] units: preprocessing gives (x/255 - mean) / std. With
+  # data.normalize False they are 0 and 1, so inputs are x/255 (ToTensor only).
+  mean: tuple[float, ...]
   std: tuple[float, ...]
 
   @property
@@ -89,12 +102,13 @@ def load_splits(data_cfg: ml_collections.ConfigDict, seed: int) -> Splits:
 
   The val split is a `data_cfg.val_fraction` share of the source's train
   split, chosen by `seed`; `data_cfg.train_subset` > 0 keeps only that many
-  (seed-chosen) examples of the rest.
+  (seed-chosen) examples of the rest. `data_cfg.normalize` False scales pixels
+  to [0, 1] only (mean 0, std 1).
   """
   if data_cfg.name not in DATASETS:
     raise ValueError(f'data.name={data_cfg.name!r} is not one of {sorted(DATASETS)}.')
   dataset = DATASETS[data_cfg.name]
-  builder = tfds.builder(data_cfg.name, data_dir=data_cfg.tfds_dir or None,
+  builder = tfds.builder(dataset.tfds_name, data_dir=data_cfg.tfds_dir or None,
                          file_format='array_record')
   if not builder.is_prepared():
     _prepare(builder, data_cfg)
@@ -107,10 +121,12 @@ def load_splits(data_cfg: ml_collections.ConfigDict, seed: int) -> Splits:
 
   train, val = split_train_val(full_train, data_cfg.val_fraction, seed,
                                data_cfg.train_subset)
+  mean, std = dataset.mean, dataset.std
+  if not data_cfg.normalize:
+    mean, std = (0.0,) * len(mean), (1.0,) * len(std)
   return Splits(
       name=data_cfg.name, train=train, val=val, test=test,
-      class_names=tuple(builder.info.features['label'].names),
-      mean=dataset.mean, std=dataset.std)
+      class_names=tuple(builder.info.features['label'].names), mean=mean, std=std)
 
 
 def split_train_val(full_train: ArraySplit, val_fraction: float, seed: int,
@@ -138,13 +154,15 @@ def split_train_val(full_train: ArraySplit, val_fraction: float, seed: int,
 
 
 def _prepare(builder: tfds.core.DatasetBuilder, data_cfg: ml_collections.ConfigDict) -> None:
-  """Writes the ArrayRecord files: from local files, or tfds's own download."""
+  """Writes the ArrayRecord files: from local files, a download, or tfds's own builder."""
   start = time.perf_counter()
   dataset = DATASETS[data_cfg.name]
-  if dataset.local:
+  if dataset.kind == LOCAL:
     manual_dir = _local_source(data_cfg)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  elif dataset.kind == LOCAL_OR_DOWNLOAD:
+    _prepare_local_or_download(builder, data_cfg)
   else:
     offline = (f'Offline, use --config.data.name={dataset.offline_name} with '
                f'--config.data.source=<local files> or ${ENV_DATA_DIR}.')
@@ -169,46 +187,97 @@ def _has_tensorflow() -> bool:
   return importlib.util.find_spec('tensorflow') is not None
 
 
-def _local_source(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
-  """The tfds manual_dir holding the raw files of a normjax builder."""
-  if data_cfg.name == 'cifar10_jpeg':
-    find = builders.find_cifar10_jpeg
-    wanted = (f'{builders.CIFAR10_JPEG_ARCHIVE} (or its extracted train/ and '
-              'test/ folders)')
-    remedy = (f'Set --config.data.source=/path/to/{builders.CIFAR10_JPEG_ARCHIVE} '
-              f'(or the folder holding it or its extracted folders) or '
-              f'{ENV_DATA_DIR}=/folder/holding/it, or use --config.data.name=cifar10 '
-              'on a machine with internet and TensorFlow.')
-    defaults = []
-  else:
-    find = builders.find_fashion_mnist
-    wanted = ('Fashion-MNIST IDX files (' + ', '.join(
-        f for pair in builders.FASHION_MNIST_FILES.values() for f in pair) + ')')
-    remedy = (f'Set --config.data.source=/folder/with/them or {ENV_DATA_DIR}=/folder '
-              '(the files directly in it or in its fashion-mnist/ subfolder), or '
-              '`apt-get install dataset-fashion-mnist` (installs them in '
-              f'{builders.DEBIAN_FASHION_MNIST_DIR}), or use '
-              '--config.data.name=fashion_mnist on a machine with internet and '
-              'TensorFlow.')
-    defaults = [('Debian\'s dataset-fashion-mnist', builders.DEBIAN_FASHION_MNIST_DIR)]
+def _prepare_local_or_download(builder: tfds.core.DatasetBuilder,
+                               data_cfg: ml_collections.ConfigDict) -> None:
+  """The original CIFAR-10: a local cifar-10-python.tar.gz if there is one, else its download."""
+  manual_dir = _local_source(data_cfg, required=bool(data_cfg.source))
+  archive = builders.CIFAR10_PYTHON_ARCHIVE
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except builders.DownloadError as e:
+    env = os.environ.get(ENV_DATA_DIR, '')
+    looked = (f'none in ${ENV_DATA_DIR}={env!r}' if env else
+              f'data.source is empty and ${ENV_DATA_DIR} is not set')
+    raise DatasetUnavailableError(
+        f'data.name={data_cfg.name!r} needs {archive} (the original CIFAR-10 python release, '
+        f'md5 {builders.CIFAR10_PYTHON_MD5}): {looked}, and downloading '
+        f'{builders.CIFAR10_PYTHON_URL} failed ({e}). Put the file in ${ENV_DATA_DIR} or pass '
+        f'--config.data.source=/path/to/{archive} (or the folder holding it); offline, '
+        '--config.data.name=cifar10_jpeg has the same images as JPEG files.') from e
+  except builders.SourceError as e:
+    raise DatasetUnavailableError(
+        f'data.name={data_cfg.name!r}: {e}. Get {archive} again from '
+        f'{builders.CIFAR10_PYTHON_URL} (md5 {builders.CIFAR10_PYTHON_MD5}).') from e
 
+
+@dataclasses.dataclass(frozen=True)
+class _LocalFiles:
+  """Where a normjax builder's raw files may be, and what to say when they are not."""
+  find: Callable[[pathlib.Path], pathlib.Path | None]  # a path -> the file or folder, or None
+  wanted: str
+  remedy: str
+  defaults: tuple[tuple[str, pathlib.Path], ...] = ()  # (label, path) tried after the env var
+
+
+def _idx_remedy(subfolder: str, alternative: str) -> str:
+  return (f'Set --config.data.source=/folder/with/them or {ENV_DATA_DIR}=/folder (the files '
+          f'directly in it or in its {subfolder}/ subfolder), {alternative}')
+
+
+_IDX_WANTED = 'IDX files (' + ', '.join(f for pair in builders.IDX_FILES.values() for f in pair) + ')'
+_LOCAL_FILES = {
+    'cifar10': _LocalFiles(
+        builders.find_cifar10_python, builders.CIFAR10_PYTHON_ARCHIVE,
+        f'Set --config.data.source=/path/to/{builders.CIFAR10_PYTHON_ARCHIVE} (or the folder '
+        f'holding it) or {ENV_DATA_DIR}=/folder/holding/it, or leave both unset to download '
+        f'{builders.CIFAR10_PYTHON_URL}; offline, --config.data.name=cifar10_jpeg has the same '
+        'images as JPEG files.'),
+    'cifar10_jpeg': _LocalFiles(
+        builders.find_cifar10_jpeg,
+        f'{builders.CIFAR10_JPEG_ARCHIVE} (or its extracted train/ and test/ folders)',
+        f'Set --config.data.source=/path/to/{builders.CIFAR10_JPEG_ARCHIVE} (or the folder '
+        f'holding it or its extracted folders) or {ENV_DATA_DIR}=/folder/holding/it, or use '
+        '--config.data.name=cifar10 (the original python release: a local '
+        f'{builders.CIFAR10_PYTHON_ARCHIVE} or its download).'),
+    'fashion_mnist_idx': _LocalFiles(
+        builders.find_fashion_mnist, f'Fashion-MNIST {_IDX_WANTED}',
+        _idx_remedy('fashion-mnist', '`apt-get install dataset-fashion-mnist` (installs them in '
+                    f'{builders.DEBIAN_FASHION_MNIST_DIR}), or use '
+                    '--config.data.name=fashion_mnist on a machine with internet and TensorFlow.'),
+        (("Debian's dataset-fashion-mnist", builders.DEBIAN_FASHION_MNIST_DIR),)),
+    'mnist_idx': _LocalFiles(
+        builders.find_mnist, f'MNIST {_IDX_WANTED}',
+        _idx_remedy('mnist', 'e.g. the four files from yann.lecun.com/exdb/mnist.')),
+}
+
+
+def _local_source(data_cfg: ml_collections.ConfigDict, required: bool = True) -> pathlib.Path | None:
+  """The tfds manual_dir holding the raw files of a normjax builder.
+
+  Looks in data.source, else $NORMJAX_DATA_DIR and the dataset's default
+  places. Not found: DatasetUnavailableError, or None if not `required`.
+  """
+  local = _LOCAL_FILES[data_cfg.name]
   if data_cfg.source:
     candidates = [(f'data.source={data_cfg.source!r}', pathlib.Path(data_cfg.source))]
   else:
     env = os.environ.get(ENV_DATA_DIR, '')
     candidates = [(f'${ENV_DATA_DIR}={env!r}', pathlib.Path(env))] if env else []
-    candidates += defaults
+    candidates += local.defaults
   for _, path in candidates:
-    found = find(path)
+    found = local.find(path)
     if found is not None:
       return found.parent if found.is_file() else found
+  if not required:
+    return None
   if candidates:
     where = 'found in ' + ', '.join(label for label, _ in candidates)
   else:
     where = f'found: data.source is empty and ${ENV_DATA_DIR} is not set'
   raise DatasetUnavailableError(
-      f'data.name={data_cfg.name!r} is prepared from local files, but no {wanted} '
-      f'were {where}. {remedy}')
+      f'data.name={data_cfg.name!r} is prepared from local files, but no {local.wanted} '
+      f'were {where}. {local.remedy}')
 
 
 def _read_split(builder: tfds.core.DatasetBuilder, split: str) -> ArraySplit:
