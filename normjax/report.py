@@ -56,18 +56,33 @@ STUDY_RUNS = {
     'LN-Clip': StudyRun(),
 }
 
-# The study's recipe (study.md section 1) on the fields whose change makes its numbers
-# incomparable; a run mapped to a study run lists every field where it differs.
+# The study's recipe (study.md section 1) on every field whose change changes its numbers;
+# a run mapped to a study run lists, in a footnote, every field where it differs.
 STUDY_RECIPE = {
     'data.name': 'cifar10',          # original CIFAR-10 (cifar10_jpeg is a JPEG re-encoding)
     'data.image_size': 224,          # resized to 224x224
     'data.train_subset': 0,          # the full 80% train split
+    'data.val_fraction': 0.2,        # 80% train / 20% validation
+    'data.augment': True,            # RandomCrop(32, padding=4) + RandomHorizontalFlip
+    'data.crop_padding': 4,
     'model.width_mult': 1.0,         # torchvision MobileNetV2
+    'model.cifar_stem': False,       # torchvision's ImageNet strides
     'model.pretrained': 'torchvision_v1',  # ImageNet weights (torchvision pretrained=True)
+    # The study's Colab code most likely called model.train() with requires_grad=False on the
+    # frozen blocks: their BatchNorms used batch statistics and updated running ones.
+    'model.frozen_bn': 'train',
+    'model.head_init': 'torch',      # nn.Linear layers
+    'model.head_hidden': 256,        # FC(1280->256)
+    'model.dropout': 0.5,
+    'model.frn_dense': 'features',   # the study's FRN averaged nu2 over the head's features
+    'model.dtype': 'float32',
     'optim.name': 'adam',
     'optim.lr': 1e-3,                # head LR
     'optim.backbone_lr': 1e-5,       # features.18 LR
     'optim.trainable_blocks': 1,     # only features.18 fine-tuned
+    'optim.weight_decay': 0.0,
+    'optim.schedule': 'constant',
+    'optim.warmup_epochs': 0.0,
     'train.batch_size': 64,
     'train.num_epochs': 15,
     'train.max_steps': 0,
@@ -157,6 +172,13 @@ def study_run(run: Run) -> str | None:
   return None
 
 
+def augment_variants(run: Run) -> int | None:
+  """K, the augmentations per image a cached run drew from; None for an online run (fresh each epoch)."""
+  if not run.cfg('train.feature_cache') or not run.cfg('data.augment', True):
+    return None
+  return run.cfg('data.augment_variants') or run.cfg('train.num_epochs')
+
+
 def study_deviations(run: Run) -> list[str]:
   """The study recipe fields this run changes, as 'field=value (study: value)'."""
   out = []
@@ -165,6 +187,10 @@ def study_deviations(run: Run) -> list[str]:
     if got is not None and got != want:
       note = ', a JPEG re-encoding of CIFAR-10' if got == 'cifar10_jpeg' else ''
       out.append(f'{field}={got} (study: {want}{note})')
+  k = augment_variants(run)
+  if k is not None and k < run.cfg('train.num_epochs', 0):
+    out.append(f'data.augment_variants={k}: the frozen-feature cache holds {k} augmentations per '
+               f'image, reused every {k} epochs (study: a fresh draw every epoch)')
   return out
 
 
@@ -267,7 +293,7 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 
 RUN_COLUMNS = ('run', 'status', 'model', 'backbone norm', 'head', 'clip', 'batch', 'epochs',
-               'data', 'image size', 'final val %', 'best val %', 'epoch-1 val %', 'test %',
+               'data', 'image size', 'aug. variants', 'final val %', 'best val %', 'epoch-1 val %', 'test %',
                'study ref: final val %', 'grad norm start', 'grad norm end', 'images/s',
                'wall time', 'device')
 
@@ -290,7 +316,8 @@ def runs_section(runs: list[Run]) -> list[str]:
         f'`{run.name}`', 'done' if run.finished else 'in progress',
         run.cfg('model.name', NA), fmt_backbone_norm(run), fmt_head(run), fmt_clip(run),
         run.cfg('train.batch_size', NA), fmt_num(st.epochs), run.cfg('data.name', NA),
-        run.cfg('data.image_size', NA), fmt_pct(st.final_val), fmt_pct(st.best_val),
+        run.cfg('data.image_size', NA), augment_variants(run) or 'fresh',
+        fmt_pct(st.final_val), fmt_pct(st.best_val),
         fmt_pct(st.epoch1_val), fmt_pct(st.test), ref_cell, fmt_num(st.grad_norm_first),
         fmt_num(st.grad_norm_last), fmt_num(st.images_per_sec), fmt_duration(st.wall_time_s),
         st.device or NA))
@@ -301,8 +328,16 @@ def runs_section(runs: list[Run]) -> list[str]:
       'Accuracies in %. "in progress": metrics.jsonl but no summary.json yet (running, or '
       'stopped early); its numbers are the latest records. Grad norm: global norm before '
       'clipping in the first and last train log window. Every accuracy belongs with the '
-      'data set and image size in its row.',
+      'data set and image size in its row. Aug. variants: K for a run trained from the '
+      'frozen-feature cache (epoch e uses augmentation e mod K), "fresh" for a new draw every epoch.',
   ]
+  if any(r.cfg('optim.clip') == 'agc' and r.cfg('optim.name') in ('adam', 'adamw') for r in runs):
+    lines.append(
+        '\nAGC with Adam: AGC rescales each unit\'s gradient so that ||g|| <= lambda ||W|| '
+        'before Adam sees it. NFNets pair AGC with SGD, where that bounds the update relative '
+        'to the weight directly. Adam divides by its running RMS of the gradient, so a '
+        'consistently clipped unit still moves about lr per step: here AGC changes the '
+        'direction and the moment estimates, not the step size.')
   for i, (deviations, names) in enumerate(notes.items(), start=1):
     lines.append(f'\n[{i}] Not the study\'s recipe: ' + '; '.join(deviations) + '. Runs: '
                  + ', '.join(f'`{n}`' for n in names) + '.')

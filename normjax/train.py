@@ -9,10 +9,9 @@ import dataclasses
 import functools
 import pathlib
 import resource
-import shutil
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax
 import jax
@@ -20,13 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from normjax import config_schema, metrics_io, monitor, optim, parallel
-from normjax.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
+from normjax import checkpoint, config_schema, features, metrics_io, monitor, optim, parallel
+from normjax.errors import ConfigError, NonFiniteError, Preempted
 from normjax.data import augment, pipeline
 from normjax.models.factory import create_model
 
@@ -78,15 +76,19 @@ def init_state(model, tx, image_shape: tuple[int, ...], rng: jax.Array) -> Train
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-               model, tx, preprocess, skip_nonfinite: bool) -> TrainState:
-  """One optimizer step; metrics accumulate into state.metrics (no host sync)."""
+               model, tx, preprocess, skip_nonfinite: bool, start_block: int = 0) -> TrainState:
+  """One optimizer step; metrics accumulate into state.metrics (no host sync).
+
+  `start_block` > 0: `images` are cached features entering that backbone block.
+  """
   step_key = jax.random.fold_in(key, state.step)
   aug_key, dropout_key = jax.random.split(step_key)
   x = preprocess(images, aug_key)
 
   def loss_fn(params):
     logits, updated = model.apply(_variables(params, state.batch_stats), x, train=True,
-                                  mutable=['batch_stats'], rngs={'dropout': dropout_key})
+                                  start_block=start_block, mutable=['batch_stats'],
+                                  rngs={'dropout': dropout_key})
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, (logits, updated.get('batch_stats', {}))
 
@@ -111,13 +113,14 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
-              model, preprocess) -> dict[str, jax.Array]:
+              model, preprocess, start_block: int = 0) -> dict[str, jax.Array]:
   """Per-example masked loss and correctness, left sharded like the batch.
 
   Summing on the host instead of in the step keeps eval free of device collectives
   (on CPU with more fake devices than cores, XLA's in-process all-reduce can starve).
   """
-  logits = model.apply(_variables(state.params, state.batch_stats), preprocess(images), train=False)
+  logits = model.apply(_variables(state.params, state.batch_stats), preprocess(images), train=False,
+                       start_block=start_block)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
   return {'loss': jnp.where(mask, loss, 0.0), 'correct': jnp.where(mask, correct, 0.0)}
@@ -141,34 +144,27 @@ class _PreemptionFlag:
       signal.signal(s, handler)
 
 
-def _prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_chief: bool) -> None:
-  """Refuses to resume a run made by a different config; wipes the run only when asked."""
-  saved_config = workdir / 'config.json'
-  if is_chief:
-    workdir.mkdir(parents=True, exist_ok=True)
-    if config.train.overwrite:
-      for name in ('checkpoints', 'tensorboard'):
-        shutil.rmtree(workdir / name, ignore_errors=True)
-      for name in ('metrics.jsonl', 'summary.json', 'config.json'):
-        (workdir / name).unlink(missing_ok=True)
-    elif saved_config.exists():
-      try:
-        saved = config_schema.flatten(metrics_io.read_json(saved_config))
-      except ValueError as e:
-        raise CheckpointError(f'{saved_config} is corrupted ({e}); restore it, or pass '
-                              '--config.train.overwrite=True to start this run afresh') from e
-      current = config_schema.flatten(config)
-      diffs = [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in sorted(set(saved) | set(current))
-               if saved.get(k) != current.get(k) and k not in config_schema.RESUMABLE_CHANGES]
-      if diffs:
-        raise CheckpointError(
-            f'{workdir} holds a run made with a different config ({"; ".join(diffs)}). Use another '
-            '--workdir, or --config.train.overwrite=True to discard that run.')
-    elif any((workdir / 'checkpoints').glob('*')):
-      raise CheckpointError(f'{workdir}/checkpoints exists but {saved_config} does not, so the '
-                            'checkpoints cannot be checked against this config; use another --workdir')
-    metrics_io.write_json_atomic(saved_config, config.to_dict())
-  multihost_utils.sync_global_devices('normjax_prepare_workdir')
+class _SkippedSteps:
+  """Steps skipped under train.on_nonfinite=skip, over the whole run (resumes included)."""
+
+  def __init__(self, records: Iterable[dict], upto: int):
+    self.skipped = self.steps = last = 0
+    for r in records:  # the logged windows before the resume point
+      if r['kind'] == 'train' and r['step'] <= upto:
+        self.skipped += round((r.get('nonfinite') or 0.0) * (r['step'] - last))
+        self.steps += r['step'] - last
+        last = r['step']
+    self._window = (-1, 0, 0)  # (first step, steps, skipped) of the window counted so far
+
+  def update(self, step: int, window_steps: int, window_skipped: int) -> tuple[int, int]:
+    """Counts the metric window ending at `step`; returns its (steps, skipped) not counted before."""
+    start, seen_steps, seen_skipped = self._window
+    if start != step - window_steps:  # a new window
+      seen_steps = seen_skipped = 0
+    self._window = (step - window_steps, window_steps, window_skipped)
+    new = (window_steps - seen_steps, window_skipped - seen_skipped)
+    self.steps, self.skipped = self.steps + new[0], self.skipped + new[1]
+    return new
 
 
 def _summarize_run(records: list[dict]) -> dict[str, Any]:
@@ -243,7 +239,12 @@ class Programs:
 def build_programs(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple[int, int, int],
                    mean: tuple[float, ...], std: tuple[float, ...], steps_per_epoch: int,
                    mesh: jax.sharding.Mesh) -> Programs:
-  """Model, optimizer and the train/eval steps jitted with the batch sharded over `mesh`."""
+  """Model, optimizer and the train/eval steps jitted with the batch sharded over `mesh`.
+
+  With train.feature_cache set, the steps take the frozen prefix's cached output
+  (normjax.features) instead of uint8 images: no preprocessing, the backbone starts at the
+  first trainable block.
+  """
   model = create_model(config, num_classes)
   abstract_params = jax.eval_shape(
       lambda r: model.init({'params': r, 'dropout': r}, jnp.zeros((1, *image_shape)), train=False),
@@ -254,12 +255,20 @@ def build_programs(config: ml_collections.ConfigDict, num_classes: int, image_sh
   shardings = parallel.state_sharding(abstract_state, mesh)
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
   norm_stats = dict(mean=mean, std=std, image_size=image_shape[0])
-  train_fn = functools.partial(
-      train_step, model=model, tx=tx, skip_nonfinite=config.train.on_nonfinite == 'skip',
-      preprocess=functools.partial(augment.train_preprocess, padding=config.data.crop_padding,
-                                   augment=config.data.augment, **norm_stats))
-  eval_fn = functools.partial(eval_step, model=model,
-                              preprocess=functools.partial(augment.eval_preprocess, **norm_stats))
+  if config.train.feature_cache:
+    features.check_cacheable(config)
+    start_block = features.first_trainable(config)
+    train_preprocess, eval_preprocess = (lambda x, _: x), (lambda x: x)
+  else:
+    start_block = 0
+    train_preprocess = functools.partial(augment.train_preprocess, padding=config.data.crop_padding,
+                                         augment=config.data.augment, **norm_stats)
+    eval_preprocess = functools.partial(augment.eval_preprocess, **norm_stats)
+  train_fn = functools.partial(train_step, model=model, tx=tx, preprocess=train_preprocess,
+                               skip_nonfinite=config.train.on_nonfinite == 'skip',
+                               start_block=start_block)
+  eval_fn = functools.partial(eval_step, model=model, preprocess=eval_preprocess,
+                              start_block=start_block)
   return Programs(
       model=model, tx=tx, abstract_state=abstract_state, shardings=shardings,
       init=jax.jit(init, out_shardings=shardings),
@@ -276,8 +285,9 @@ def _reset_window(state: TrainState) -> TrainState:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains config's model, evaluates on validation each epoch and on test at the end.
 
-  Resumes from workdir/checkpoints when present. Returns the summary also
-  written to workdir/summary.json.
+  Resumes from workdir/checkpoints when present; a finished run of the same config is only
+  reported (nothing is written, so a read-only workdir works). Process 0 holds the workdir's
+  lock while the run goes on. Returns the summary also written to workdir/summary.json.
   """
   config = config_schema.validate(config)
   if '://' in str(workdir):
@@ -285,11 +295,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f'--workdir={workdir}: URLs are not supported (metrics.jsonl is appended in place); mount the '
         'bucket (e.g. gcsfuse) or use a shared NFS directory and pass that path')
   workdir = pathlib.Path(workdir).absolute()
+  finished = checkpoint.finished_summary(config, workdir)
+  if finished is not None:
+    logging.info('%s holds a finished run of this config: test accuracy %s (summary.json)', workdir,
+                 finished.get('test_accuracy'))
+    return finished
+  with checkpoint.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
   is_chief = jax.process_index() == 0
   mesh = parallel.make_mesh()
   parallel.check_batch_size('train.batch_size', config.train.batch_size, mesh)
   parallel.check_batch_size('train.eval_batch_size', config.train.eval_batch_size, mesh)
-  _prepare_workdir(config, workdir, is_chief)
+  checkpoint.prepare_workdir(config, workdir, is_chief)
 
   splits = pipeline.load_splits(config.data, config.seed)
   train_split = splits.train
@@ -309,20 +329,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   p_train_step, p_eval_step = programs.train_step, programs.eval_step
   lr_schedule = optim.learning_rate_schedule(config.optim.lr, config, steps_per_epoch)
 
-  manager = ocp.CheckpointManager(
-      workdir / 'checkpoints',
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True))
+  manager = checkpoint.Checkpoints(workdir / 'checkpoints', keep=config.train.keep_checkpoints,
+                                   is_chief=is_chief)
   log = metrics_io.MetricsLog(workdir, enabled=is_chief)
-  latest = manager.latest_step()
+  latest, state = manager.restore(programs.abstract_state, shardings)  # skips corrupt steps
   if latest is None:
     state = programs.init(rng)
     if config.model.pretrained != 'none':
       state = _load_pretrained(config, state, shardings)
     log.truncate_after(0)
   else:
-    state = _restore(manager, latest, programs.abstract_state, shardings)
     log.truncate_after(latest)
     logging.info('resumed from %s/checkpoints at step %d', workdir, latest)
+  skipped = _SkippedSteps(metrics_io.read_jsonl(log.path), latest or 0)
+
+  val_split, test_split = splits.val, splits.test
+  train_images = lambda epoch: train_split.images
+  if config.train.feature_cache:
+    store = features.prepare(config, programs.model,
+                             {'params': state.params, 'batch_stats': state.batch_stats}, splits)
+    val_split = pipeline.ArraySplit(store.val, splits.val.labels)
+    test_split = pipeline.ArraySplit(store.test, splits.test.labels)
+    train_images = store.train_images
 
   def evaluate(split: pipeline.ArraySplit) -> dict[str, float]:
     outputs, count = [], 0
@@ -337,18 +365,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return {'loss': loss / n, 'accuracy': correct / n}
 
   def check_finite() -> None:
+    """Stops at a NaN/inf (stop), or warns of skipped steps and stops past the limit (skip)."""
     bad = int(state.first_nonfinite)
     if bad >= 0 and config.train.on_nonfinite == 'stop':
       manager.wait_until_finished()
-      last = manager.latest_step()
       raise NonFiniteError(
-          f'non-finite loss or gradient at step {bad} (train.on_nonfinite=stop); the last good '
-          f'checkpoint is step {last} in {workdir}/checkpoints. Lower optim.lr, enable optim.clip, '
+          f'non-finite loss or gradient at step {bad} (train.on_nonfinite=stop); '
+          f'{manager.last_good_text()}. Lower optim.lr, enable optim.clip, '
           'or set train.on_nonfinite=skip to skip such updates.')
+    if config.train.on_nonfinite != 'skip':
+      return
+    window = jax.device_get(state.metrics.nonfinite)
+    now, limit = int(state.step), config.train.max_skipped_fraction
+    steps, new = skipped.update(now, int(window.count), int(round(float(window.total))))
+    if new:
+      logging.warning('step %d: %d of the last %d steps had a non-finite loss or gradient and were '
+                      'skipped; %d of %d so far (%.1f%%; train.max_skipped_fraction=%g)', now, new, steps,
+                      skipped.skipped, skipped.steps, 100 * skipped.skipped / skipped.steps, limit)
+    if skipped.skipped > limit * skipped.steps:
+      raise NonFiniteError(
+          f'{skipped.skipped} of the {skipped.steps} steps so far had a non-finite loss or gradient '
+          f'and were skipped (train.on_nonfinite=skip), more than train.max_skipped_fraction={limit:g}: '
+          f'the run is not learning. Lower optim.lr or enable optim.clip; {manager.last_good_text()}.')
 
   def save(step: int) -> None:
     check_finite()
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.save(step, state)  # stops the run with one line if the save fails (e.g. a full disk)
 
   step = int(state.step)
   start_step, t0 = step, time.time()
@@ -359,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       order = pipeline.train_batch_indices(len(train_split.labels), batch_size, config.seed, epoch)
       for i in range(step % steps_per_epoch, steps_per_epoch):
         idx = order[i][rows]
-        batch = parallel.global_batch({'image': train_split.images[idx], 'label': train_split.labels[idx]}, mesh)
+        batch = parallel.global_batch({'image': train_images(epoch)[idx], 'label': train_split.labels[idx]}, mesh)
         state = p_train_step(state, batch['image'], batch['label'], rng)
         step += 1
         epoch_end = step % steps_per_epoch == 0
@@ -379,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       jax.device_get(monitor.summarize_layers(state.opt_state)))
         if epoch_end:
           with throughput.pause(state):
-            val = evaluate(splits.val)
+            val = evaluate(val_split)
           log.write('val', step, step / steps_per_epoch, val)
           logging.info('epoch %d: val loss %.4f acc %.4f', step // steps_per_epoch, val['loss'], val['accuracy'])
         if preemption.signum is None and jax.process_count() > 1 and step % config.train.log_every_steps == 0:
@@ -398,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary_path = workdir / 'summary.json'
   if step == start_step and summary_path.exists():
     return metrics_io.read_json(summary_path)  # already finished: nothing to redo
-  test = evaluate(splits.test)
+  test = evaluate(test_split)
   log.write('test', step, step / steps_per_epoch, test)
   train_time = time.time() - t0
   summary = {
@@ -422,29 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def restore_latest(workdir: str | pathlib.Path) -> tuple[int, dict[str, Any]]:
-  """The latest checkpoint of a run as single-device arrays, whatever topology saved it."""
-  checkpoints = pathlib.Path(workdir) / 'checkpoints'
-  steps = [int(p.name) for p in checkpoints.glob('*') if p.name.isdigit()] if checkpoints.is_dir() else []
-  if not steps:
-    raise CheckpointError(f'{workdir}: no checkpoints to restore (expected {checkpoints}/<step>)')
-  path = checkpoints / str(max(steps)) / 'default'
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        checkpointer.metadata(path).item_metadata.tree)
-  return max(steps), checkpointer.restore(path, target)
-
-
-def _restore(manager: ocp.CheckpointManager, step: int, abstract_state: TrainState, shardings) -> TrainState:
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(target))
-  except Exception as e:  # orbax raises many types for unreadable or mismatched files
-    raise CheckpointError(
-        f'cannot restore checkpoint step {step} from {manager.directory}: {type(e).__name__}: '
-        f'{str(e).splitlines()[0] if str(e) else ""}. Delete that step directory to resume from an '
-        'earlier one, or pass --config.train.overwrite=True to start afresh.') from e
+# The newest readable checkpoint of a run as single-device arrays (normjax.pretrained and tests call it here).
+restore_latest = checkpoint.restore_latest
 
 
 def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState, shardings) -> TrainState:

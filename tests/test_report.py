@@ -165,7 +165,8 @@ def test_study_reference_column(study):
   assert [v['study ref: final val %'][-3:] for v in rows.values()] == ['[1]'] * 6
   notes = re.findall(r'^\[(\d+)\] (.*)$', md, re.M)
   assert notes == [('1', "Not the study's recipe: data.name=cifar10_jpeg (study: cifar10, a JPEG "
-                    're-encoding of CIFAR-10); train.num_epochs=4 (study: 15). Runs: '
+                    're-encoding of CIFAR-10); model.frozen_bn=eval (study: train); '
+                    'train.num_epochs=4 (study: 15). Runs: '
                     + ', '.join(sorted(rows)) + '.')]
   study_rows = {r['study run']: r for r in parse_table(md, '## Study reference')}
   assert study_rows['BN-Clip'] == {'study run': 'BN-Clip', 'final val %': '90.71',
@@ -177,7 +178,7 @@ def test_study_reference_column(study):
 
 def test_study_mapping_rules(tmp_path):
   cases = {
-      'exact': ({'train.num_epochs': 15}, 'BN-NoClip: 89.64'),
+      'exact': ({'train.num_epochs': 15, 'model.frozen_bn': 'train'}, 'BN-NoClip: 89.64'),
       'gn_backbone': ({'model.norm': 'gn'}, '-'),
       'linear_head': ({'model.head': 'linear'}, '-'),
       'gn_head': ({'model.head_norm': 'gn'}, '-'),
@@ -193,6 +194,22 @@ def test_study_mapping_rules(tmp_path):
       k: v for k, (_, v) in cases.items()}
   assert rows['linear_head']['head'] == 'linear'  # head_norm only applies to the MLP head
   assert rows['agc']['clip'] == 'agc (lambda=0.01)'
+
+
+def test_cached_runs_name_their_augmentation_variants(tmp_path):
+  cached = {'train.num_epochs': 15, 'model.frozen_bn': 'train', 'train.feature_cache': 'auto'}
+  write_run(tmp_path / 'k4', overrides={**cached, 'data.augment_variants': 4}, layer_blocks=())
+  write_run(tmp_path / 'exact', overrides={**cached, 'data.augment_variants': 0}, layer_blocks=())
+  write_run(tmp_path / 'online', overrides={'train.num_epochs': 15, 'model.frozen_bn': 'train'},
+            layer_blocks=())
+  md = report.write_report(tmp_path).read_text()
+  rows = {r['run'].strip('`'): r for r in parse_table(md, '## Runs')}
+  assert {k: v['aug. variants'] for k, v in rows.items()} == {'exact': '15', 'k4': '4',
+                                                             'online': 'fresh'}
+  # K < num_epochs departs from the study's fresh augmentation each epoch; K = 15 does not.
+  assert rows['k4']['study ref: final val %'] == 'BN-NoClip: 89.64 [1]'
+  assert rows['exact']['study ref: final val %'] == rows['online']['study ref: final val %'] == 'BN-NoClip: 89.64'
+  assert re.search(r'^\[1\] .*data.augment_variants=4: .* Runs: `k4`\.$', md, re.M)
 
 
 def test_pngs_written_and_valid(study):

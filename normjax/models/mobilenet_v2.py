@@ -32,6 +32,7 @@ INVERTED_RESIDUAL_SETTINGS = (
 STEM_CHANNELS = 32  # torchvision: input_channel = 32
 LAST_CHANNELS = 1280  # torchvision: last_channel = 1280
 NUM_BLOCKS = 19  # torchvision features.0 .. features.18
+FROZEN_BN_MODES = ('eval', 'train')
 # torchvision: nn.init.kaiming_normal_(conv.weight, mode="fan_out") (untruncated normal).
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -165,20 +166,30 @@ class MobileNetV2Features(nn.Module):
   """torchvision's `MobileNetV2.features`: returns the NHWC map after features_18 (no pooling).
 
   `norm(train=...)` must return a ModuleDef, e.g. functools.partial(make_norm, 'bn').
-  Blocks before the first trainable one run their norm with train=False and their
-  output is wrapped in stop_gradient, so they get zero gradients, keep their batch
-  statistics and cost no backward pass.
+  Blocks before the first trainable one are frozen: their output is wrapped in
+  stop_gradient, so they get zero gradients and cost no backward pass. With
+  frozen_bn='eval' their norms use running statistics and never change them; with
+  'train' they normalise with batch statistics and update the running ones, which is
+  torch's `model.train()` with `requires_grad=False` (the study's setting).
+
+  `start`/`stop` run only blocks features_<start>..features_<stop - 1>: the frozen-feature
+  cache computes the frozen prefix once (stop=first trainable block) and trains the rest
+  from it (start=first trainable block).
   """
   norm: NormFactory
   width_mult: float = 1.0
   cifar_stem: bool = False
   trainable_blocks: int = -1
+  frozen_bn: str = 'eval'
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool, start: int = 0,
+               stop: int = NUM_BLOCKS) -> jnp.ndarray:
     first = first_trainable_block(self.trainable_blocks)
-    norm = lambda i: self.norm(train=train and i >= first)
+    if self.frozen_bn not in FROZEN_BN_MODES:
+      raise ConfigError(f'model.frozen_bn = {self.frozen_bn!r}; allowed: {", ".join(FROZEN_BN_MODES)}')
+    norm = lambda i: self.norm(train=train and (i >= first or self.frozen_bn == 'train'))
     last = NUM_BLOCKS - 1
     blocks = [ConvNormAct(make_divisible(STEM_CHANNELS * self.width_mult), 3, norm(0),
                           strides=stem_stride(self.cifar_stem), dtype=self.dtype,
@@ -188,8 +199,8 @@ class MobileNetV2Features(nn.Module):
                for spec in block_specs(self.width_mult, self.cifar_stem)]
     blocks.append(ConvNormAct(last_channels(self.width_mult), 1, norm(last), dtype=self.dtype,
                               name=f'features_{last}'))
-    for i, block in enumerate(blocks):
-      x = block(x)
+    for i in range(start, stop):
+      x = blocks[i](x)
       if i == first - 1:
         x = jax.lax.stop_gradient(x)
     return x

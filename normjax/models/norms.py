@@ -23,6 +23,7 @@ LN_EPSILON = 1e-5  # torch LayerNorm eps
 GN_EPSILON = 1e-5  # torch GroupNorm eps
 FRN_EPSILON = 1e-6  # Singh & Krishnan 2020: eps = 1e-6
 FRN_LEARNED_EPS_INIT = 1e-4  # Singh & Krishnan 2020: learned eps_l initialised to 1e-4
+FRN_DENSE_MODES = ('features', 'unit')
 
 
 class Identity(nn.Module):
@@ -81,13 +82,19 @@ class BatchNorm(nn.Module):
 class FRN(nn.Module):
   """Filter Response Normalization with a Thresholded Linear Unit (Singh & Krishnan, CVPR 2020).
 
-  nu2 = mean(x^2) over the non-batch feature axes: H, W per channel for 4D
-  inputs and the C features for 2D (N, C) inputs (the study's head).
-  y = scale * x / sqrt(nu2 + eps) + bias;  z = max(y, tau).
-  With `learned_epsilon`, eps = 1e-6 + |eps_l| with a learned scalar eps_l,
-  which the paper recommends when few values are normalized.
+  y = scale * x / sqrt(nu2 + eps) + bias;  z = max(y, tau)  (the paper's Eq. 1-3).
+  For 4D (N, H, W, C) inputs nu2 = mean(x^2) over H, W per channel, as in the paper.
+  For 2D (N, C) inputs (the study's head) `dense` chooses nu2:
+    'features': mean(x^2) over the C features of each example. This is the study's custom
+      layer as its report describes it (nu2 over "the feature axes"), and what the study
+      configs use, so their numbers compare with the study's.
+    'unit': x^2 of each unit alone, the paper's reading of a fully connected layer (N = 1
+      spatial position). FRN then nears sign(x), so the paper prescribes a learned eps
+      there (Sec. 3, "Learned epsilon"), which 'unit' always uses.
+  With `learned_epsilon`, eps = 1e-6 + |eps_l| with a learned scalar eps_l (init 1e-4).
   """
   learned_epsilon: bool = False
+  dense: str = 'features'
   epsilon: float = FRN_EPSILON
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -96,19 +103,24 @@ class FRN(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     if x.ndim not in (2, 4):
       raise ValueError(f'FRN expects a 2D (N, C) or 4D (N, H, W, C) input, got shape {x.shape}')
+    if self.dense not in FRN_DENSE_MODES:
+      raise ConfigError(f'model.frn_dense = {self.dense!r}; allowed: {", ".join(FRN_DENSE_MODES)}')
+    per_unit = x.ndim == 2 and self.dense == 'unit'
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
     tau = self.param('tau', nn.initializers.zeros, (features,), self.param_dtype)
     eps = jnp.float32(self.epsilon)
-    if self.learned_epsilon:
+    if self.learned_epsilon or per_unit:
       eps_l = self.param('eps', nn.initializers.constant(FRN_LEARNED_EPS_INIT), (),
                          self.param_dtype)
       eps = eps + jnp.abs(eps_l.astype(jnp.float32))
 
     x32 = x.astype(jnp.float32)
-    axes = (1,) if x.ndim == 2 else (1, 2)
-    nu2 = jnp.mean(jnp.square(x32), axis=axes, keepdims=True)
+    if per_unit:
+      nu2 = jnp.square(x32)
+    else:
+      nu2 = jnp.mean(jnp.square(x32), axis=(1,) if x.ndim == 2 else (1, 2), keepdims=True)
     y = scale.astype(jnp.float32) * x32 * jax.lax.rsqrt(nu2 + eps) + bias.astype(jnp.float32)
     return jnp.maximum(y, tau.astype(jnp.float32)).astype(self.dtype)
 
@@ -128,7 +140,7 @@ class GroupNorm(nn.GroupNorm):
 
 
 def make_norm(name: str, *, train: bool, dtype: Any = jnp.float32, gn_groups: int = 32,
-              frn_learned_eps: bool = False) -> ModuleDef:
+              frn_learned_eps: bool = False, frn_dense: str = 'features') -> ModuleDef:
   """Returns a partial Module class; call it as `norm(name='bn')(x)`."""
   if name == 'bn':
     return functools.partial(BatchNorm, use_running_average=not train, dtype=dtype)
@@ -139,7 +151,7 @@ def make_norm(name: str, *, train: bool, dtype: Any = jnp.float32, gn_groups: in
     return functools.partial(GroupNorm, num_groups=gn_groups, epsilon=GN_EPSILON, dtype=dtype,
                              use_fast_variance=False)
   if name == 'frn':
-    return functools.partial(FRN, learned_epsilon=frn_learned_eps, dtype=dtype)
+    return functools.partial(FRN, learned_epsilon=frn_learned_eps, dense=frn_dense, dtype=dtype)
   if name == 'none':
     return Identity
   raise ConfigError(f'norm: unknown name {name!r}; allowed: {", ".join(NORMS)}')
