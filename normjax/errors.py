@@ -30,15 +30,27 @@ class FeatureCacheError(RuntimeError):
   """The frozen-feature cache cannot be built or read (disk space, a foreign key)."""
 
 
-class Preempted(Exception):
-  """SIGTERM/SIGINT arrived; a checkpoint was saved at `step`."""
+class WorkdirError(RuntimeError):
+  """The workdir cannot be written: another run holds it, it is read-only, or the disk is full."""
 
-  def __init__(self, step: int, signum: int):
-    super().__init__(f'preempted by signal {signum} at step {step}; checkpoint saved, '
-                     'rerun the same command to resume')
+
+# A BaseException, like KeyboardInterrupt: raised from a signal handler at any point, it must not
+# be swallowed by an `except Exception` on the way out.
+class Preempted(BaseException):
+  """SIGTERM/SIGINT arrived; a checkpoint was saved at `step` (None: outside the training loop)."""
+
+  def __init__(self, step: int | None, signum: int):
+    if step is None:  # start-up (or the final evaluation): no unsaved training state exists
+      message = (f'preempted by signal {signum} outside the training loop, before its first step or '
+                 'after its last; no unsaved training state, so nothing to save. Rerun the same '
+                 'command to start or resume.')
+    else:
+      message = (f'preempted by signal {signum} at step {step}; checkpoint saved, rerun the same '
+                 'command to resume')
+    super().__init__(message)
     self.step, self.signum = step, signum
 
 
 # What `normjax.main` reports as one line and exit 2.
 USER_ERRORS = (ConfigError, DatasetUnavailableError, WeightsError, CheckpointError,
-               NonFiniteError, FeatureCacheError)
+               NonFiniteError, FeatureCacheError, WorkdirError)

@@ -5,12 +5,13 @@ Any field can be overridden with `--config.<field>=<value>`, e.g.
 Multi-host: jax.distributed is initialized from the environment (TPU pods,
 SLURM, Open MPI) or from --coordinator_address/--num_processes/--process_id.
 """
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from normjax import config_schema, errors, metrics_io, parallel, train
+from normjax import config_schema, errors, metrics_io
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -40,15 +41,32 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e))
+    # config_flags re-raises get_config()'s errors with a traceback in the message; report the
+    # innermost user error (e.g. an unknown `:ARG`) as its one line.
+    error, inner = e, e
+    while inner is not None:
+      error = inner if isinstance(inner, errors.USER_ERRORS) else error
+      inner = inner.__cause__ or inner.__context__
+    _fail(str(error))
+
+
+def _preempted_outside_loop(signum: int, frame) -> None:
+  del frame
+  raise errors.Preempted(None, signum)
 
 
 def main(argv: list[str]) -> None:
+  # Until the training loop installs its own handlers (which save a checkpoint first), SIGTERM and
+  # SIGINT end the run with the same one line and exit code as a preemption mid-run.
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, _preempted_outside_loop)
   metrics_io.quiet_library_logs()
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
+    # Imported under the handlers above: importing jax and orbax takes seconds.
+    from normjax import parallel, train  # pylint: disable=g-import-not-at-top
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except errors.USER_ERRORS as e:
     _fail(str(e))

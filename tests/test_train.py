@@ -108,8 +108,9 @@ def test_corrupted_checkpoint_is_an_error_not_a_fresh_start(config, tmp_path):
     if f.is_file():
       f.write_bytes(b'garbage')
   config.train.max_steps = 12
-  with pytest.raises(errors.CheckpointError, match='cannot restore checkpoint step 6'):
+  with pytest.raises(errors.CheckpointError, match=r'no checkpoint in .*/checkpoints can be restored \(step 6: '):
     train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['6']  # nothing moved aside
 
 
 def test_nonfinite_stop_names_step_and_keeps_last_good_checkpoint(config, tmp_path):
@@ -131,6 +132,7 @@ def test_nonfinite_skip_keeps_weights_finite(config, tmp_path):
   config.optim.momentum = 0.0
   config.optim.lr = 1e30
   config.train.on_nonfinite = 'skip'
+  config.train.max_skipped_fraction = 0.9  # 7 of the 8 steps are skipped
   config.train.max_steps = 8
   train.train_and_evaluate(config, str(tmp_path))
   _, params = latest_params(tmp_path)
@@ -248,3 +250,17 @@ def test_self_pretrained_backbone_from_a_normjax_workdir(config, tmp_path):
   for a, b in zip(_leaves(source['params']['backbone']), _leaves(tuned['params']['backbone'])):
     np.testing.assert_array_equal(a, b)
   assert any(np.any(a != b) for a, b in zip(_leaves(source['params']['head']), _leaves(tuned['params']['head'])))
+
+
+def test_eta_leaves_compilation_out_and_counts_evaluation():
+  t = train._Throughput(0, 10)
+  t.first_window = False
+  t.counted_images, t.counted_seconds = 1000, 10.0  # steady 100 img/s
+  # The current window (compilation: 5 img/s) is ignored once a steady rate exists.
+  assert t.eta(500, 5.0, 0, 0, None) == pytest.approx(5.0)
+  # Two evaluations left, one timed at 3 s: 5 s of training + 6 s of evaluation.
+  assert t.eta(500, 5.0, 2, 1000, 3.0) == pytest.approx(11.0)
+  # Not yet timed: 1000 images at a third of the training cost each, i.e. 300 img/s.
+  assert t.eta(500, 5.0, 2, 1000, None) == pytest.approx(5.0 + 2 * 1000 / 300)
+  fresh = train._Throughput(0, 10)  # no steady rate yet: the window's rate stands in
+  assert fresh.eta(100, 50.0, 0, 0, None) == pytest.approx(2.0)
