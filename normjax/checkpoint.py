@@ -194,7 +194,7 @@ class WorkdirLock:
 
 def config_diffs(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """'field: saved -> current' for the fields that differ and may not change on resume."""
-  saved = config_schema.flatten(saved)
+  saved = config_schema.flatten(config_schema.upgrade(saved))
   current = config_schema.flatten(metrics_io.to_json(config.to_dict()))  # as config.json holds it
   return [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in sorted(set(saved) | set(current))
           if saved.get(k) != current.get(k) and k not in config_schema.RESUMABLE_CHANGES]

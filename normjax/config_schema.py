@@ -4,6 +4,7 @@
 rules. `tests/test_config_schema.py` asserts both name exactly the same fields.
 """
 import importlib.util
+import json
 import pathlib
 import re
 import sys
@@ -126,6 +127,33 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'train.feature_cache': _str(),
 }
 
+# Fields added after runs were first made, with the value that reproduces what those runs did.
+# `upgrade` fills them into an older config.json, so older runs resume, report and load.
+ADDED_FIELDS: dict[str, Any] = {
+    'data.augment_variants': 0,          # no feature cache existed: fresh augmentation each epoch
+    'data.normalize': True,              # inputs were always normalised
+    'model.frozen_bn': 'eval',           # frozen blocks always used their running statistics
+    'model.head_init': 'flax',           # heads used flax's default init
+    'model.frn_dense': 'features',       # FRN on (N, C) always averaged over the features
+    'model.conv_layers': '32x3,64x3',    # tunable_cnn's fields; no other model reads them
+    'model.dense_layers': '128',
+    'train.feature_cache': '',
+    'train.max_skipped_fraction': 0.1,
+}
+
+
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+  """A nested config dict from an older run with every ADDED_FIELDS field it lacks filled in."""
+  out = json.loads(json.dumps(saved))
+  for path, value in ADDED_FIELDS.items():
+    *parents, leaf = path.split('.')
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node.setdefault(leaf, value)
+  return out
+
+
 # Fields that may change when a run resumes: they do not change what is computed.
 RESUMABLE_CHANGES = frozenset({
     'data.tfds_dir', 'data.source', 'train.num_epochs', 'train.max_steps',
@@ -178,6 +206,13 @@ def split_config_specs(text: str) -> list[str]:
     else:
       specs[-1] += ',' + item
   return specs
+
+
+def config_stem(spec: str) -> str:
+  """A run's directory name: 'configs/bn_clip.py' -> 'bn_clip',
+  'configs/nf_agc_scratch.py:cpu,batch=8' -> 'nf_agc_scratch-cpu-batch8'."""
+  path, _, arg = spec.partition(':')
+  return '-'.join([pathlib.Path(path).stem] + [a.replace('=', '') for a in arg.split(',') if a])
 
 
 def make_configs_importable(config_file: str) -> None:

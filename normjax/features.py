@@ -104,7 +104,7 @@ def prefix_variables(variables: dict[str, Any], first: int) -> dict[str, Any]:
 def cache_key(config: ml_collections.ConfigDict, weights_sha256: str) -> dict[str, Any]:
   """Everything the cached features depend on; the cache directory is its digest."""
   d, m = config.data, config.model
-  return {
+  key = {
       'format': FORMAT_VERSION,
       'weights_sha256': weights_sha256,
       'model': {'name': m.name, 'width_mult': m.width_mult, 'cifar_stem': m.cifar_stem,
@@ -115,6 +115,11 @@ def cache_key(config: ml_collections.ConfigDict, weights_sha256: str) -> dict[st
       'seed': config.seed,
       'batch_size': config.train.batch_size,
   }
+  # Fields added after format 1 enter the key only where they differ from what format 1 did,
+  # so existing caches keep their digest.
+  if not d.normalize:
+    key['data']['normalize'] = False
+  return key
 
 
 def _digest(key: dict[str, Any]) -> str:

@@ -65,12 +65,13 @@ def gradient(config: ml_collections.ConfigDict, variables: dict[str, Any], image
     config.optim.trainable_blocks = -1
   model = create_model(config, 10)
 
-  def loss_fn(params):
-    logits, _ = model.apply({**variables, 'params': params}, images, train=True,
+  def loss_fn(params, batch_stats, images, labels, dropout_key):
+    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
                             mutable=['batch_stats'], rngs={'dropout': dropout_key})
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  return jax.jit(jax.grad(loss_fn))(variables['params'])
+  return jax.jit(jax.grad(loss_fn))(variables['params'], variables.get('batch_stats', {}), images,
+                                    labels, dropout_key)
 
 
 def measure(config: ml_collections.ConfigDict, variables: dict[str, Any],

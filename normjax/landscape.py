@@ -65,6 +65,7 @@ import numpy as np
 import optax
 
 from normjax import config_schema, metrics_io, optim, train
+from normjax import features as features_lib
 from normjax.data import augment, pipeline
 from normjax.models.factory import create_model
 
@@ -342,6 +343,10 @@ class LoadedRun:
   params: Any
   batch_stats: Any
   splits: pipeline.Splits
+  # A run trained from the frozen-feature cache is evaluated from it too: val/test inputs are
+  # the cached prefix outputs and the model starts at block `start_block`.
+  features: 'features_lib.FeatureStore | None' = None
+  start_block: int = 0
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -350,51 +355,32 @@ class LoadedRun:
   def apply_fn(self, params: Any, x: jax.Array) -> jax.Array:
     """Logits in eval mode (running BN statistics, no dropout) on preprocessed inputs."""
     variables = {'params': params, 'batch_stats': self.batch_stats} if self.batch_stats else {'params': params}
-    return self.model.apply(variables, x, train=False)
+    return self.model.apply(variables, x, train=False, start_block=self.start_block)
 
   def preprocess(self, images_u8: jax.Array) -> jax.Array:
-    """The run's eval preprocessing (resize, normalize)."""
+    """The run's eval preprocessing (resize, normalize); cached features need none."""
+    if self.features is not None:
+      return images_u8
     return augment.eval_preprocess(images_u8, image_size=self.config.data.image_size,
                                    mean=self.splits.mean, std=self.splits.std)
 
   def split(self, name: str) -> pipeline.ArraySplit:
     if name not in SPLITS:
       raise ValueError(f'split {name!r}; allowed: {", ".join(SPLITS)}')
+    if self.features is not None:
+      if name == 'train':
+        raise ValueError(f'{self.workdir} trained from the feature cache, whose training inputs '
+                         'are augmented; use --split=val or --split=test')
+      return pipeline.ArraySplit(getattr(self.features, name), getattr(self.splits, name).labels)
     return getattr(self.splits, name)
 
 
-def _base_defaults() -> dict[str, Any] | None:
-  """configs/base.py's get_config() as a dict, or None where the configs/ folder is not at hand."""
-  try:
-    from configs import base  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    base_file = pathlib.Path(__file__).absolute().parent.parent / 'configs' / 'base.py'
-    if not base_file.exists():
-      return None
-    config_schema.make_configs_importable(str(base_file))
-    from configs import base  # pylint: disable=g-import-not-at-top
-  return base.get_config().to_dict()
-
-
-def _merge(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-  out = dict(defaults)
-  for key, value in saved.items():
-    out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-  return out
-
-
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The run's config.json over configs/base.py's defaults.
-
-  The defaults fill fields added to normjax after the run was made, so older
-  runs still load.
-  """
+  """The run's config.json, with fields added to normjax since the run was made filled in."""
   path = pathlib.Path(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'{workdir}: no config.json; is it a normjax run directory?')
-  saved = metrics_io.read_json(path)
-  defaults = _base_defaults()
-  return ml_collections.ConfigDict(saved if defaults is None else _merge(defaults, saved))
+  return ml_collections.ConfigDict(config_schema.upgrade(metrics_io.read_json(path)))
 
 
 def load_run(workdir: str | os.PathLike) -> LoadedRun:
@@ -404,9 +390,15 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
   step, restored = train.restore_latest(workdir)
   splits = pipeline.load_splits(config.data, config.seed)
   model = create_model(config, splits.num_classes)
+  batch_stats = restored.get('batch_stats') or {}
+  store, start_block = None, 0
+  if config.train.feature_cache:
+    store = features_lib.prepare(config, model, {'params': restored['params'], 'batch_stats': batch_stats},
+                                 splits)
+    start_block = features_lib.first_trainable(config)
   return LoadedRun(workdir=workdir, name=workdir.name, config=config, step=int(step), model=model,
-                   params=restored['params'], batch_stats=restored.get('batch_stats') or {},
-                   splits=splits)
+                   params=restored['params'], batch_stats=batch_stats, splits=splits,
+                   features=store, start_block=start_block)
 
 
 class ImageBatches:

@@ -1,10 +1,13 @@
-r"""Entry point: `python -m normjax.main --config=configs/frn_noclip.py --workdir=workdir/frn_noclip`.
+r"""Entry point: `python -m normjax.main --config=configs/frn_noclip.py [--workdir=DIR]`.
 
-Any field can be overridden with `--config.<field>=<value>`, e.g.
-`--config.train.batch_size=32`. Rerunning with the same workdir resumes.
+Without --workdir the run goes to workdir/<config stem>[-<arg>...] under the current
+directory (the same name `normjax.sweep` gives it). Any field can be overridden with
+`--config.<field>=<value>`, e.g. `--config.train.batch_size=32`. Rerunning the same command
+resumes.
 Multi-host: jax.distributed is initialized from the environment (TPU pods,
 SLURM, Open MPI) or from --coordinator_address/--num_processes/--process_id.
 """
+import pathlib
 import signal
 import sys
 
@@ -16,11 +19,12 @@ from normjax import config_schema, errors, metrics_io
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics.jsonl, summary.json.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics.jsonl, '
+                                'summary.json. Default: workdir/<config stem>[-<arg>...].')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'jax.distributed coordinator host:port.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'jax.distributed: number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'jax.distributed: this process index.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['config'])
 
 
 
@@ -67,7 +71,11 @@ def main(argv: list[str]) -> None:
     # Imported under the handlers above: importing jax and orbax takes seconds.
     from normjax import parallel, train  # pylint: disable=g-import-not-at-top
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    workdir = _WORKDIR.value or str(pathlib.Path('workdir') / config_schema.config_stem(
+        config_flags.get_config_filename(FLAGS['config'])))
+    logging.info('workdir: %s%s; rerun the same command to resume', pathlib.Path(workdir).absolute(),
+                 '' if _WORKDIR.value else ' (from the config name; --workdir overrides)')
+    train.train_and_evaluate(_CONFIG.value, workdir)
   except errors.USER_ERRORS as e:
     _fail(str(e))
   except errors.Preempted as e:

@@ -24,7 +24,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 import numpy as np
 
-from normjax import metrics_io
+from normjax import config_schema, metrics_io
 
 NA = 'n/a'
 SKIP_DIRS = ('checkpoints',)  # orbax trees: many files, never a run
@@ -141,6 +141,7 @@ def load_run(path: pathlib.Path, root: pathlib.Path) -> Run:
   if (path / 'metrics.jsonl').exists():
     records = read_metrics(path / 'metrics.jsonl')
   name = path.relative_to(root).as_posix()
+  config = config_schema.upgrade(config) if config else config
   return Run(name=path.resolve().name if name == '.' else name, path=path, config=config,
              summary=summary, records=records)
 
@@ -404,7 +405,8 @@ def plot_curves(runs: list[Run], style: dict[str, dict[str, Any]], path: pathlib
   drawn = False
   for ax, (kind, key, title, scale) in zip(axes, panels):
     for run in runs:
-      pts = [(r['epoch'], r[key] * scale) for r in run.kind(kind) if key in r]
+      # null: a window whose every step was skipped as non-finite (train.on_nonfinite=skip).
+      pts = [(r['epoch'], r[key] * scale) for r in run.kind(kind) if r.get(key) is not None]
       if pts:
         x, y = zip(*pts)
         marker = 'o' if kind == 'val' or len(pts) <= 3 else None  # a lone point needs one

@@ -24,13 +24,6 @@ import ml_collections
 from normjax import config_schema, errors, metrics_io, report, train
 
 
-def config_stem(spec: str) -> str:
-  """The run's directory name: 'configs/bn_clip.py' -> 'bn_clip',
-  'configs/nf_agc_scratch.py:cpu,batch=8' -> 'nf_agc_scratch-cpu-batch8'."""
-  path, _, arg = spec.partition(':')
-  return '-'.join([pathlib.Path(path).stem] + [a.replace('=', '') for a in arg.split(',') if a])
-
-
 def pct(fraction: float | None) -> str:
   text = report.fmt_pct(fraction)
   return text if fraction is None else f'{text}%'
@@ -39,7 +32,7 @@ def pct(fraction: float | None) -> str:
 def load_all(specs: Sequence[str], overrides: Sequence[str]
              ) -> dict[str, tuple[str, ml_collections.ConfigDict]]:
   """stem -> (spec, validated config with the overrides applied)."""
-  stems = [config_stem(s) for s in specs]
+  stems = [config_schema.config_stem(s) for s in specs]
   duplicates = sorted({s for s in stems if stems.count(s) > 1})
   if duplicates:
     raise errors.ConfigError(

@@ -48,7 +48,7 @@ from matplotlib.ticker import MaxNLocator
 import ml_collections
 import optuna
 
-from normjax import checkpoint, config_schema, errors, metrics_io, report, sweep, train
+from normjax import checkpoint, config_schema, errors, metrics_io, report, train
 from normjax.models import tunable_cnn
 
 TrialState = optuna.trial.TrialState
@@ -434,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.trials < 1 or args.max_epochs < 1:
     parser.error('--trials and --max_epochs must be >= 1')
-  workdir = args.workdir or f'workdir/{sweep.config_stem(args.config)}'
+  workdir = args.workdir or f'workdir/{config_schema.config_stem(args.config)}'
   logging.set_verbosity(logging.INFO)  # train's progress lines; absl.app would do this in main.py
   metrics_io.quiet_library_logs()
   for s in (signal.SIGTERM, signal.SIGINT):  # the train loop swaps in its own (checkpoint first)

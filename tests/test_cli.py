@@ -38,3 +38,21 @@ def test_missing_dataset_says_how_to_provide_it(tmp_path):
   error = [l for l in result.stderr.splitlines() if l.startswith('normjax: error:')]
   assert len(error) == 1
   assert 'data.source' in error[0] and 'NORMJAX_DATA_DIR' in error[0]
+
+
+def test_without_workdir_the_run_goes_to_workdir_config_stem_and_resumes(tmp_path, shared_data_dir):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = (f'--config={repo}/configs/smoke.py:quick', '--config.train.max_steps=4',
+          f'--config.data.tfds_dir={tmp_path}/tfds', f'--config.data.source={shared_data_dir}')
+  env = {'PYTHONPATH': repo}
+  first = subprocess.run([sys.executable, '-m', 'normjax.main', *args], capture_output=True, text=True,
+                         env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env}, timeout=300, cwd=tmp_path)
+  assert first.returncode == 0, first.stderr[-2000:]
+  run = tmp_path / 'workdir' / 'smoke-quick'
+  assert f'workdir: {run} (from the config name; --workdir overrides)' in first.stderr
+  assert (run / 'summary.json').exists()
+  summary = (run / 'summary.json').read_text()
+  again = subprocess.run([sys.executable, '-m', 'normjax.main', *args], capture_output=True, text=True,
+                         env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env}, timeout=300, cwd=tmp_path)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert (run / 'summary.json').read_text() == summary  # finished: reported, not redone

@@ -108,3 +108,17 @@ def test_load_config_passes_the_colon_argument():
 def test_split_config_specs_keeps_commas_inside_arguments():
   assert config_schema.split_config_specs('configs/a.py:cpu,batch=8,configs/b.py,configs/c.py:quick') == [
       'configs/a.py:cpu,batch=8', 'configs/b.py', 'configs/c.py:quick']
+
+
+def test_older_config_json_is_upgraded_with_what_older_runs_did():
+  from normjax import checkpoint, config_schema
+  config = config_schema.load_config('configs/frn_noclip.py')
+  assert set(config_schema.ADDED_FIELDS) <= set(config_schema.SCHEMA)
+  saved = config.to_dict()
+  del saved['data']['normalize'], saved['model']['frn_dense'], saved['train']['max_skipped_fraction']
+  # Fields whose old behaviour is today's default: the run resumes.
+  assert checkpoint.config_diffs(saved, config) == []
+  assert config_schema.upgrade(saved)['data']['normalize'] is True
+  # A run made before head_init existed had flax's init: resuming it as torch init is refused.
+  del saved['model']['head_init']
+  assert checkpoint.config_diffs(saved, config) == ["model.head_init: 'flax' -> 'torch'"]

@@ -180,3 +180,23 @@ def test_uncacheable_runs_are_config_errors(small, fields, why):
   config = _with(small[0], **{'train.feature_cache': 'auto', **fields})
   with pytest.raises(errors.ConfigError, match=why):
     features.check_cacheable(config)
+
+
+def test_key_covers_every_input_of_the_prefix(small):
+  config = small[0]
+  base_key = features.cache_key(config, 'w')
+  changes = {'data.image_size': 64, 'data.augment': False, 'data.crop_padding': 2,
+             'data.normalize': False, 'data.name': 'cifar10', 'data.val_fraction': 0.1,
+             'data.train_subset': 50, 'model.dtype': 'bfloat16', 'model.width_mult': 1.0,
+             'model.cifar_stem': True, 'optim.trainable_blocks': 2, 'seed': 1,
+             'train.batch_size': 8}
+  for path, value in changes.items():
+    changed = _with(config, **{path: value}) if '.' in path else config.copy_and_resolve_references()
+    if '.' not in path:
+      changed[path] = value
+    assert features.cache_key(changed, 'w') != base_key, path
+  assert features.cache_key(config, 'other weights') != base_key
+  # Fields that do not change the prefix's output share the cache.
+  for path, value in {'model.head_norm': 'ln', 'optim.clip': 'agc', 'optim.lr': 0.1,
+                      'train.num_epochs': 7, 'data.augment_variants': 3}.items():
+    assert features.cache_key(_with(config, **{path: value}), 'w') == base_key, path

@@ -1,4 +1,5 @@
 """Loss landscapes: grid values against direct re-evaluation, analytic quadratics, filter norms, resume."""
+import dataclasses
 import functools
 import json
 import shutil
@@ -320,3 +321,27 @@ def test_cli_writes_surface_png_and_compare_writes_plots_and_sharpness_table(run
   assert len(rows) == 2
   assert all(f'{expected:.4f}' in row for row in rows)
   assert landscape.sharpness(twin) == pytest.approx(expected, abs=1e-6)
+
+
+def test_cached_run_is_evaluated_from_its_feature_cache(tmp_path, shared_data_dir):
+  """A run trained from the frozen-feature cache: the landscape reads the cached val features,
+  and the result equals evaluating the same weights online on the images."""
+  from configs import base
+  config = base.get_config('quick')
+  config.data.source = str(shared_data_dir)
+  config.data.train_subset = 64
+  config.train.batch_size = 32
+  config.train.max_steps = 2
+  config.train.monitor_every_steps = 0
+  config.train.feature_cache = str(tmp_path / 'cache')
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  cached = landscape.load_run(tmp_path / 'run')
+  assert cached.features is not None and cached.start_block == 18
+  online = dataclasses.replace(cached, features=None, start_block=0)
+  kwargs = dict(dims=1, points=3, span=0.5, examples=48, plot=False, log=None)
+  a, _ = landscape.run_landscape(tmp_path / 'run', run=cached, **kwargs)
+  import shutil
+  shutil.rmtree(tmp_path / 'run' / landscape.LANDSCAPE_DIR)
+  b, _ = landscape.run_landscape(tmp_path / 'run', run=online, **kwargs)
+  np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
+  np.testing.assert_array_equal(a.accuracy, b.accuracy)

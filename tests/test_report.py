@@ -334,3 +334,13 @@ def test_batch_size_section(tmp_path):
   md = report.write_report(tmp_path).read_text()
   assert '## Batch size' not in md
   assert not (tmp_path / 'batch_size.png').exists()
+
+
+def test_windows_with_null_values_are_left_out_of_the_curves(tmp_path):
+  """metrics.jsonl writes NaN as null (a window whose every step was skipped)."""
+  write_run(tmp_path / 'skipped', layer_blocks=())
+  with open(tmp_path / 'skipped' / 'metrics.jsonl', 'a') as f:
+    f.write(json.dumps({'kind': 'train', 'step': 999, 'epoch': 9.99, 'loss': None,
+                        'accuracy': None, 'grad_norm': None}) + '\n')
+  md = report.write_report(tmp_path).read_text()
+  assert (tmp_path / 'curves.png').stat().st_size > 0 and '![curves]' in md

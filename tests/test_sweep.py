@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from normjax import errors, metrics_io, sweep, train
+from normjax import config_schema, errors, metrics_io, sweep, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEMS = ('bn_noclip', 'ln_clip', 'frn_noclip')
@@ -148,6 +148,6 @@ def test_status_line_without_validation(tmp_path, calls, capsys):
 
 
 def test_config_stem():
-  assert sweep.config_stem('configs/bn_clip.py') == 'bn_clip'
-  assert sweep.config_stem('configs/bn_clip.py:quick') == 'bn_clip-quick'
-  assert sweep.config_stem('configs/nf_agc_scratch.py:cpu,batch=8,lambda=0.01') == 'nf_agc_scratch-cpu-batch8-lambda0.01'
+  assert config_schema.config_stem('configs/bn_clip.py') == 'bn_clip'
+  assert config_schema.config_stem('configs/bn_clip.py:quick') == 'bn_clip-quick'
+  assert config_schema.config_stem('configs/nf_agc_scratch.py:cpu,batch=8,lambda=0.01') == 'nf_agc_scratch-cpu-batch8-lambda0.01'
