@@ -106,6 +106,7 @@ def quick(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.train.log_every_steps = 5
   config.train.monitor_every_steps = 10
   config.train.checkpoint_every_steps = 10
+  config.train.feature_cache = ''  # a pipeline check: no cache written under ~/.cache
   return config
 
 
@@ -119,6 +120,9 @@ def study(head_norm: str, clip: str, arg: str | None = None,
   config = get_config()
   config.model.head_norm = head_norm
   config.optim.clip = clip
+  # Only features.18 + the head train: compute the frozen prefix once per image and augmentation
+  # (normjax/features.py). K = num_epochs variants, so training equals the online run exactly.
+  config.train.feature_cache = 'auto'
   if clip == 'agc':
     config.optim.agc_lambda = agc_lambda_for_batch(config.train.batch_size)
   return quick(config) if args.quick else config

@@ -60,8 +60,29 @@ def first_trainable(config: ml_collections.ConfigDict) -> int:
   return mobilenet_v2.first_trainable_block(config.optim.trainable_blocks)
 
 
+def enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether this run trains from the cache.
+
+  'auto' uses it wherever the frozen prefix is a fixed function of the image and trains
+  online elsewhere; an explicit directory on a run that cannot use it is a ConfigError.
+  """
+  if not config.train.feature_cache:
+    return False
+  if config.train.feature_cache == 'auto':
+    return _not_cacheable_because(config) is None
+  check_cacheable(config)
+  return True
+
+
 def check_cacheable(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError when train.feature_cache is set on a run whose prefix is not fixed."""
+  why = _not_cacheable_because(config)
+  if why:
+    raise ConfigError(f'config.train.feature_cache = {config.train.feature_cache!r} cannot be used '
+                      f'with {why}; set --config.train.feature_cache= (empty) to train online')
+
+
+def _not_cacheable_because(config: ml_collections.ConfigDict) -> str | None:
   why = None
   if config.model.name != 'mobilenet_v2':
     why = f'model.name={config.model.name!r} (only mobilenet_v2 supports it)'
@@ -70,9 +91,7 @@ def check_cacheable(config: ml_collections.ConfigDict) -> None:
            'prefix depends on the batch')
   elif first_trainable(config) == 0:
     why = f'optim.trainable_blocks={config.optim.trainable_blocks}: no block is frozen'
-  if why:
-    raise ConfigError(f'config.train.feature_cache = {config.train.feature_cache!r} cannot be used '
-                      f'with {why}; set --config.train.feature_cache= (empty) to train online')
+  return why
 
 
 def num_variants(config: ml_collections.ConfigDict) -> int:

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from normjax import config_schema, metrics_io, optim
+from normjax import checkpoint, config_schema, metrics_io, optim, pretrained
 from normjax.data import augment, pipeline
 from normjax.models.factory import create_model
 
@@ -111,7 +111,6 @@ def first_batches(config: ml_collections.ConfigDict, splits: pipeline.Splits,
 
 
 def initial_variables(config: ml_collections.ConfigDict, head_init: str, num_classes: int) -> dict[str, Any]:
-  from normjax import pretrained  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.head_init = head_init
   model = create_model(config, num_classes)
@@ -151,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   results = {f'init, {h} head init': measure(config, initial_variables(config, h, splits.num_classes), batches)
              for h in ('torch', 'flax')}
   if args.workdir:
-    from normjax import train  # pylint: disable=g-import-not-at-top
-    step, state = train.restore_latest(args.workdir)
+    step, state = checkpoint.restore_latest(args.workdir)
     variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
     results[f'{pathlib.Path(args.workdir).name} step {step}'] = measure(config, variables, batches)
   text = markdown(results, config.train.batch_size)

@@ -392,7 +392,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
   model = create_model(config, splits.num_classes)
   batch_stats = restored.get('batch_stats') or {}
   store, start_block = None, 0
-  if config.train.feature_cache:
+  if features_lib.enabled(config):
     store = features_lib.prepare(config, model, {'params': restored['params'], 'batch_stats': batch_stats},
                                  splits)
     start_block = features_lib.first_trainable(config)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from normjax import torch_checkpoint
+from normjax import checkpoint, torch_checkpoint
 from normjax.errors import WeightsError
 from normjax.models.classifier import Classifier
 from normjax.models.mobilenet_v2 import mobilenet_v2
@@ -274,8 +274,7 @@ def load_pretrained_backbone(spec: str, variables: Mapping[str, Any], *,
       return _replace_backbone(variables, ported['params']['backbone'],
                                ported['batch_stats']['backbone'], spec)
   if os.path.isdir(os.path.join(spec, 'checkpoints')):  # a normjax run: its latest backbone
-    from normjax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
-    restored = jax.device_get(train.restore_latest(spec)[1])
+    restored = jax.device_get(checkpoint.restore_latest(spec)[1])
   elif os.path.isdir(spec):
     restored = _restore_orbax(spec)
   elif os.path.isfile(spec):

@@ -5,7 +5,7 @@
 A run is any directory holding `summary.json` (finished) or only
 `metrics.jsonl` (in progress, or stopped before the end). Everything is read
 from those JSON files (and `config.json`), so the report needs neither
-TensorFlow nor JAX. The figures use matplotlib's object API (no pyplot), so
+TensorFlow nor JAX (JAX only to read a run's landscape surfaces). The figures use matplotlib's object API (no pyplot), so
 importing this module never changes the global backend.
 """
 import argparse
@@ -177,6 +177,8 @@ def augment_variants(run: Run) -> int | None:
   """K, the augmentations per image a cached run drew from; None for an online run (fresh each epoch)."""
   if not run.cfg('train.feature_cache') or not run.cfg('data.augment', True):
     return None
+  if run.cfg('model.frozen_bn') == 'train':  # 'auto' trains such a run online
+    return None
   return run.cfg('data.augment_variants') or run.cfg('train.num_epochs')
 
 
@@ -295,8 +297,8 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 RUN_COLUMNS = ('run', 'status', 'model', 'backbone norm', 'head', 'clip', 'batch', 'epochs',
                'data', 'image size', 'aug. variants', 'final val %', 'best val %', 'epoch-1 val %', 'test %',
-               'study ref: final val %', 'grad norm start', 'grad norm end', 'images/s',
-               'wall time', 'device')
+               'study ref: final val %', 'grad norm start', 'grad norm end', 'sharpness',
+               'images/s', 'wall time', 'device')
 
 
 def runs_section(runs: list[Run]) -> list[str]:
@@ -320,7 +322,8 @@ def runs_section(runs: list[Run]) -> list[str]:
         run.cfg('data.image_size', NA), augment_variants(run) or 'fresh',
         fmt_pct(st.final_val), fmt_pct(st.best_val),
         fmt_pct(st.epoch1_val), fmt_pct(st.test), ref_cell, fmt_num(st.grad_norm_first),
-        fmt_num(st.grad_norm_last), fmt_num(st.images_per_sec), fmt_duration(st.wall_time_s),
+        fmt_num(st.grad_norm_last), fmt_num(run_sharpness(run)), fmt_num(st.images_per_sec),
+        fmt_duration(st.wall_time_s),
         st.device or NA))
   lines = ['## Runs', '']
   lines += md_table(RUN_COLUMNS, rows)
@@ -330,7 +333,9 @@ def runs_section(runs: list[Run]) -> list[str]:
       'stopped early); its numbers are the latest records. Grad norm: global norm before '
       'clipping in the first and last train log window. Every accuracy belongs with the '
       'data set and image size in its row. Aug. variants: K for a run trained from the '
-      'frozen-feature cache (epoch e uses augmentation e mod K), "fresh" for a new draw every epoch.',
+      'frozen-feature cache (epoch e uses augmentation e mod K), "fresh" for a new draw every epoch. '
+      'Sharpness: (L(-0.5) + L(+0.5)) / 2 - L(0) along one random filter-normalised direction '
+      '(Li et al. 2018) of `python -m normjax.landscape RUN`; n/a before that has run.',
   ]
   if any(r.cfg('optim.clip') == 'agc' and r.cfg('optim.name') in ('adam', 'adamw') for r in runs):
     lines.append(
@@ -343,6 +348,14 @@ def runs_section(runs: list[Run]) -> list[str]:
     lines.append(f'\n[{i}] Not the study\'s recipe: ' + '; '.join(deviations) + '. Runs: '
                  + ', '.join(f'`{n}`' for n in names) + '.')
   return lines
+
+
+def run_sharpness(run: Run) -> float | None:
+  """The loss rise at +-0.5 along the run's 1-D landscape (`python -m normjax.landscape`), if any."""
+  if not (run.path / 'landscape').is_dir():
+    return None
+  from normjax import landscape  # pylint: disable=g-import-not-at-top  (JAX, only for surfaces)
+  return landscape.sharpness(run.path)
 
 
 def study_section() -> list[str]:

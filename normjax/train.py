@@ -23,7 +23,7 @@ from absl import logging
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from normjax import checkpoint, config_schema, features, metrics_io, monitor, optim, parallel
+from normjax import checkpoint, config_schema, features, metrics_io, monitor, optim, parallel, pretrained
 from normjax.errors import ConfigError, NonFiniteError, Preempted
 from normjax.data import augment, pipeline
 from normjax.models.factory import create_model
@@ -267,8 +267,7 @@ def build_programs(config: ml_collections.ConfigDict, num_classes: int, image_sh
   shardings = parallel.state_sharding(abstract_state, mesh)
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
   norm_stats = dict(mean=mean, std=std, image_size=image_shape[0])
-  if config.train.feature_cache:
-    features.check_cacheable(config)
+  if features.enabled(config):
     start_block = features.first_trainable(config)
     train_preprocess, eval_preprocess = (lambda x, _: x), (lambda x: x)
   else:
@@ -357,7 +356,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
 
   val_split, test_split = splits.val, splits.test
   train_images = lambda epoch: train_split.images
-  if config.train.feature_cache:
+  if features.enabled(config):
     store = features.prepare(config, programs.model,
                              {'params': state.params, 'batch_stats': state.batch_stats}, splits)
     val_split = pipeline.ArraySplit(store.val, splits.val.labels)
@@ -490,7 +489,6 @@ restore_latest = checkpoint.restore_latest
 
 
 def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState, shardings) -> TrainState:
-  from normjax import pretrained  # pylint: disable=g-import-not-at-top  (torch only when needed)
   if config.model.name != 'mobilenet_v2' and not (pathlib.Path(config.model.pretrained) / 'checkpoints').is_dir():
     raise ConfigError(
         f'config.model.pretrained = {config.model.pretrained!r}: pretrained weights exist only for '

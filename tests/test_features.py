@@ -176,10 +176,13 @@ def test_a_second_builder_waits_for_the_lock_then_reads(small, tmp_path):
     ({'optim.trainable_blocks': -1}, 'no block is frozen'),
     ({'model.name': 'lightcnn'}, 'only mobilenet_v2'),
 ])
-def test_uncacheable_runs_are_config_errors(small, fields, why):
-  config = _with(small[0], **{'train.feature_cache': 'auto', **fields})
+def test_uncacheable_runs_train_online_under_auto_and_fail_with_a_directory(small, fields, why):
+  assert not features.enabled(_with(small[0], **{'train.feature_cache': 'auto', **fields}))
+  config = _with(small[0], **{'train.feature_cache': '/tmp/cache', **fields})
   with pytest.raises(errors.ConfigError, match=why):
-    features.check_cacheable(config)
+    features.enabled(config)
+  assert features.enabled(_with(small[0], **{'train.feature_cache': 'auto'}))
+  assert not features.enabled(_with(small[0], **{'train.feature_cache': ''}))
 
 
 def test_key_covers_every_input_of_the_prefix(small):

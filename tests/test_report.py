@@ -197,19 +197,21 @@ def test_study_mapping_rules(tmp_path):
 
 
 def test_cached_runs_name_their_augmentation_variants(tmp_path):
-  cached = {'train.num_epochs': 15, 'model.frozen_bn': 'train', 'train.feature_cache': 'auto'}
+  cached = {'train.num_epochs': 15, 'train.feature_cache': 'auto'}  # frozen_bn=eval: cacheable
   write_run(tmp_path / 'k4', overrides={**cached, 'data.augment_variants': 4}, layer_blocks=())
   write_run(tmp_path / 'exact', overrides={**cached, 'data.augment_variants': 0}, layer_blocks=())
-  write_run(tmp_path / 'online', overrides={'train.num_epochs': 15, 'model.frozen_bn': 'train'},
-            layer_blocks=())
+  # frozen_bn=train cannot be cached: 'auto' trains it online with fresh augmentation.
+  write_run(tmp_path / 'online', overrides={**cached, 'model.frozen_bn': 'train'}, layer_blocks=())
   md = report.write_report(tmp_path).read_text()
   rows = {r['run'].strip('`'): r for r in parse_table(md, '## Runs')}
   assert {k: v['aug. variants'] for k, v in rows.items()} == {'exact': '15', 'k4': '4',
                                                              'online': 'fresh'}
-  # K < num_epochs departs from the study's fresh augmentation each epoch; K = 15 does not.
-  assert rows['k4']['study ref: final val %'] == 'BN-NoClip: 89.64 [1]'
-  assert rows['exact']['study ref: final val %'] == rows['online']['study ref: final val %'] == 'BN-NoClip: 89.64'
-  assert re.search(r'^\[1\] .*data.augment_variants=4: .* Runs: `k4`\.$', md, re.M)
+  assert rows['online']['study ref: final val %'] == 'BN-NoClip: 89.64'
+  notes = dict(re.findall(r'^\[(\d+)\] (.*)$', md, re.M))
+  k4_note = notes[rows['k4']['study ref: final val %'][-2]]
+  exact_note = notes[rows['exact']['study ref: final val %'][-2]]
+  assert 'data.augment_variants=4: the frozen-feature cache holds 4 augmentations' in k4_note
+  assert 'augment_variants' not in exact_note and 'model.frozen_bn=eval (study: train)' in exact_note
 
 
 def test_pngs_written_and_valid(study):
@@ -344,3 +346,17 @@ def test_windows_with_null_values_are_left_out_of_the_curves(tmp_path):
                         'accuracy': None, 'grad_norm': None}) + '\n')
   md = report.write_report(tmp_path).read_text()
   assert (tmp_path / 'curves.png').stat().st_size > 0 and '![curves]' in md
+
+
+def test_sharpness_column_reads_the_runs_landscape(tmp_path):
+  from normjax import landscape
+  write_run(tmp_path / 'with', layer_blocks=())
+  write_run(tmp_path / 'without', layer_blocks=())
+  xs = np.linspace(-1, 1, 21)
+  surface = landscape.Surface.empty(xs, None, {})
+  surface.loss[:] = 0.3 + 2.0 * xs ** 2  # (L(-0.5) + L(0.5)) / 2 - L(0) = 2 * 0.25 = 0.5
+  surface.accuracy[:] = 0.9
+  surface.done[:] = True
+  surface.save(tmp_path / 'with' / 'landscape' / 'surface_1d_p21_s1.0_val_n100_seed0_biasbn0.npz')
+  rows = {r['run'].strip('`'): r for r in parse_table(report.write_report(tmp_path).read_text(), '## Runs')}
+  assert rows['with']['sharpness'] == '0.5' and rows['without']['sharpness'] == 'n/a'
