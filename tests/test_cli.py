@@ -56,3 +56,18 @@ def test_without_workdir_the_run_goes_to_workdir_config_stem_and_resumes(tmp_pat
                          env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env}, timeout=300, cwd=tmp_path)
   assert again.returncode == 0, again.stderr[-2000:]
   assert (run / 'summary.json').read_text() == summary  # finished: reported, not redone
+
+
+def test_truncated_weight_file_is_one_line_and_leaves_nothing_to_resume(tmp_path, shared_data_dir):
+  real = shared_data_dir / 'torchvision' / 'mobilenet_v2-b0353104.pth'
+  truncated = tmp_path / 'mobilenet_v2-b0353104.pth'  # torchvision's name: its sha256 is checked
+  truncated.write_bytes(real.read_bytes()[:1_000_000])
+  result = run_main('--config=configs/frn_noclip.py:quick', f'--workdir={tmp_path}/run',
+                    f'--config.model.pretrained={truncated}', '--config.model.width_mult=1.0',
+                    f'--config.data.source={shared_data_dir}', env={'NORMJAX_DATA_DIR': str(shared_data_dir)},
+                    timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith('normjax: error:')]
+  assert len(errors) == 1 and 'b0353104' in errors[0] and 'sha256' in errors[0]
+  assert 'Traceback' not in result.stderr
+  assert not list((tmp_path / 'run').glob('checkpoints/*'))
