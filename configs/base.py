@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'   # float32 | bfloat16 (compute dtype; params stay float32)
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.name = 'adam'       # adam | sgd
+  config.optim.name = 'adam'       # adam (torch: weight_decay is coupled L2) | adamw | sgd
   config.optim.lr = 1e-3           # study: head LR 1e-3
   config.optim.backbone_lr = 1e-5  # study: features.18 LR 1e-5
   config.optim.trainable_blocks = 1  # -1 all (full fine-tuning), 0 none, k = last k backbone blocks

@@ -100,7 +100,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'model.head_init': _choice('torch', 'flax'),
     'model.pretrained': _pretrained(),
     'model.dtype': _choice('float32', 'bfloat16'),
-    'optim.name': _choice('adam', 'sgd'),
+    'optim.name': _choice('adam', 'adamw', 'sgd'),
     'optim.lr': _positive_float(),
     'optim.backbone_lr': _non_negative_float(),
     'optim.trainable_blocks': _trainable_blocks(),

@@ -15,7 +15,7 @@ import optax
 from normjax import monitor
 from normjax.errors import ConfigError
 
-OPTIMIZERS = ('adam', 'sgd')
+OPTIMIZERS = ('adam', 'adamw', 'sgd')
 SCHEDULES = ('constant', 'cosine')
 CLIPS = ('none', 'global_norm', 'agc')
 _BLOCK = re.compile(r'features_(\d+)')
@@ -121,9 +121,12 @@ def _base_optimizer(config: ml_collections.ConfigDict,
                     learning_rate: optax.Schedule) -> optax.GradientTransformation:
   optim = config.optim
   _check_choice('optim.name', optim.name, OPTIMIZERS)
+  if optim.name == 'adamw':  # decoupled weight decay (Loshchilov & Hutter 2019), torch.optim.AdamW
+    return optax.adamw(learning_rate, weight_decay=optim.weight_decay)
   if optim.name == 'adam':
     if optim.weight_decay > 0:
-      return optax.adamw(learning_rate, weight_decay=optim.weight_decay)
+      # torch.optim.Adam(weight_decay=wd) adds wd * param to the gradient (coupled L2).
+      return optax.chain(optax.add_decayed_weights(optim.weight_decay), optax.adam(learning_rate))
     return optax.adam(learning_rate)
   if optim.nesterov and optim.momentum <= 0:
     raise ConfigError('optim.nesterov needs optim.momentum > 0 (as torch.optim.SGD)')

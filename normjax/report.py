@@ -533,7 +533,7 @@ def plot_layer_dist(runs: list[Run], style: dict[str, dict[str, Any]],
                 fontsize='small')
   ax.set_xlim(-0.6, len(runs) - 0.4)
   ax.set_ylabel('log10 per-layer gradient L2 norm')
-  ax.set_title('per-layer gradient norms, all layers and records: filled = before clipping, '
+  ax.set_title('per-layer gradient norms, all layers and records:\nfilled = before clipping, '
                'hatched = after', fontsize='medium')
   ax.grid(axis='y', alpha=0.3)
   fig.savefig(path, dpi=110)

@@ -13,10 +13,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use('Agg')  # headless: plots go to files only
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+from matplotlib.figure import Figure  # the object API: importing this never sets a backend
 
 _BLOCK = re.compile(r'features_(\d+)')
 
@@ -62,7 +59,8 @@ def plot_signal_propagation(results: Mapping[str, list[dict]], path: str) -> Non
   """Writes a PNG with the two SPP panels (log scale), one line per named network."""
   if not results:
     raise ValueError('plot_signal_propagation: no networks to plot')
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig = Figure(figsize=(10, 4), layout='tight')
+  axes = fig.subplots(1, 2)
   for ax, key, title in ((axes[0], 'avg_sq_mean', 'Average channel squared mean'),
                          (axes[1], 'avg_var', 'Average channel variance')):
     for name, stats in results.items():
@@ -72,6 +70,4 @@ def plot_signal_propagation(results: Mapping[str, list[dict]], path: str) -> Non
     ax.set_title(title)
     ax.grid(True, which='both', alpha=0.3)
   axes[1].legend()
-  fig.tight_layout()
   fig.savefig(path, format='png', dpi=100)
-  plt.close(fig)

@@ -262,7 +262,7 @@ def test_optimizer_follows_the_schedule():
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('name', 'rmsprop', r"optim.name: unknown value 'rmsprop'; allowed: adam, sgd"),
+    ('name', 'rmsprop', r"optim.name: unknown value 'rmsprop'; allowed: adam, adamw, sgd"),
     ('schedule', 'step', r"optim.schedule: unknown value 'step'; allowed: constant, cosine"),
     ('clip', 'value', r"optim.clip: unknown value 'value'; allowed: none, global_norm, agc"),
 ])
@@ -276,3 +276,26 @@ def test_nesterov_needs_momentum():
   config = make_config(name='sgd', momentum=0.0, nesterov=True)
   with pytest.raises(ValueError, match='optim.nesterov needs optim.momentum > 0'):
     optim.make_optimizer(config, make_params())
+
+
+@pytest.mark.parametrize('name, torch_cls', [('adam', 'Adam'), ('adamw', 'AdamW')])
+def test_weight_decay_follows_torch(name, torch_cls):
+  """adam + weight_decay is torch.optim.Adam's coupled L2; adamw is torch.optim.AdamW."""
+  import torch
+  rng = np.random.default_rng(0)
+  w0 = rng.normal(size=(4, 3)).astype(np.float32)
+  grads = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(4)]
+  config = make_config(name=name, lr=1e-2, backbone_lr=1e-2, trainable_blocks=-1, weight_decay=0.1)
+  params = {'head': {'out': {'kernel': jnp.asarray(w0)}}}
+  tx = optim._base_optimizer(config, optax.constant_schedule(1e-2))
+  state = tx.init(params)
+  p = params
+  for g in grads:
+    updates, state = tx.update({'head': {'out': {'kernel': jnp.asarray(g)}}}, state, p)
+    p = optax.apply_updates(p, updates)
+  w = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+  opt = getattr(torch.optim, torch_cls)([w], lr=1e-2, weight_decay=0.1)
+  for g in grads:
+    w.grad = torch.from_numpy(g)
+    opt.step()
+  np.testing.assert_allclose(p['head']['out']['kernel'], w.detach().numpy(), rtol=1e-5, atol=1e-6)
