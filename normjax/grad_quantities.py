@@ -143,12 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--batches', type=int, default=4, help='training batches to average over')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE')
   parser.add_argument('--out', default='', help='write the results as JSON here')
+  parser.add_argument('--skip_init', action='store_true', help='only the --workdir checkpoint')
   args = parser.parse_args(argv)
   config = config_schema.apply_overrides(config_schema.load_config(args.config), args.set)
   splits = pipeline.load_splits(config.data, config.seed)
   batches = first_batches(config, splits, args.batches)
-  results = {f'init, {h} head init': measure(config, initial_variables(config, h, splits.num_classes), batches)
-             for h in ('torch', 'flax')}
+  results = {} if args.skip_init else {
+      f'init, {h} head init': measure(config, initial_variables(config, h, splits.num_classes), batches)
+      for h in ('torch', 'flax')}
   if args.workdir:
     step, state = checkpoint.restore_latest(args.workdir)
     variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
