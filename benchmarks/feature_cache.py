@@ -3,7 +3,7 @@ r"""Frozen-feature cache: build rate and cached training rate against online tra
   JAX_PLATFORMS=cpu python benchmarks/feature_cache.py [--config=configs/frn_noclip.py] [--steps=20]
 
 Times, on random images of the config's size and batch, with the training code's own jitted
-programs (normjax.train.build_programs, normjax.features' prefix):
+programs (normjax.steps.build_programs, normjax.features' prefix):
   online  the train step on uint8 images: augmentation, frozen prefix forward, features.18 + head
   build   the cache builder's work per image: augmentation and the frozen prefix forward
   cached  the train step on cached prefix outputs (what a cached run does every step)
@@ -17,11 +17,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, '.')
-from normjax import config_schema, features, parallel, train  # noqa: E402
+from normjax import config_schema, features, parallel, steps  # noqa: E402
 from normjax.data import augment  # noqa: E402
 
 
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
   key = jax.random.key(0)
 
   config.train.feature_cache = ''
-  online = train.build_programs(config, 10, (size, size, 3), mean, std, 625, mesh)
+  online = steps.build_programs(config, 10, (size, size, 3), mean, std, 625, mesh)
   state = online.init(key)
   holder = {'state': state}
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
   cached_inputs = np.asarray(build(variables, images, key))
 
   config.train.feature_cache = 'auto'
-  cached = train.build_programs(config, 10, (size, size, 3), mean, std, 625, mesh)
+  cached = steps.build_programs(config, 10, (size, size, 3), mean, std, 625, mesh)
   holder['state'] = cached.init(key)
 
   def cached_step():

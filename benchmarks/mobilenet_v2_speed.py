@@ -33,11 +33,11 @@ import torch
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, 'tests')]
 # pylint: disable=g-import-not-at-top,g-bad-import-order
-from normjax.models.classifier import Classifier
-from normjax.models.heads import LinearHead
-from normjax.models.mobilenet_v2 import MobileNetV2Features
-from normjax.models.norms import make_norm
-from torch_reference import MobileNetV2 as TorchMobileNetV2
+from normjax.models.classifier import Classifier  # noqa: E402
+from normjax.models.heads import LinearHead  # noqa: E402
+from normjax.models.mobilenet_v2 import MobileNetV2Features  # noqa: E402
+from normjax.models.norms import make_norm  # noqa: E402
+from torch_reference import MobileNetV2 as TorchMobileNetV2  # noqa: E402
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size (study: 64).')

@@ -1,6 +1,6 @@
 r"""Training-step throughput and peak memory of normjax configs, across device counts.
 
-Times exactly the jitted, donated train step that `normjax.train` runs (augmentation,
+Times exactly the jitted, donated train step that `normjax.train` runs (`normjax.steps`) (augmentation,
 forward, backward, clipping, optimizer, monitor), on synthetic uint8 batches.
 
   # data parallelism with 1, 2 and 4 (fake CPU) devices
@@ -12,7 +12,7 @@ Each (config, device count) runs in its own process, since the device count is
 fixed when JAX starts. On CPU the device count comes from
 XLA_FLAGS=--xla_force_host_platform_device_count; on GPU/TPU the real devices
 are used and --devices must not exceed them.
-"""
+"""  # noqa: E501  (the commands above, one line each)
 import json
 import os
 import resource
@@ -22,7 +22,8 @@ import time
 
 from absl import app, flags
 
-_CONFIGS = flags.DEFINE_list('configs', None, 'Config specs (path[:arg]); commas inside an :arg stay with it.')
+_CONFIGS = flags.DEFINE_list('configs', None,
+                             'Config specs (path[:arg]); commas inside an :arg stay with it.')
 _DEVICES = flags.DEFINE_list('devices', ['1'], 'Device counts to run each config on.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after 3 warm-up steps).')
 _WORKER = flags.DEFINE_string('worker', '', 'Internal: run one config in this process.')
@@ -31,19 +32,20 @@ _WORKER = flags.DEFINE_string('worker', '', 'Internal: run one config in this pr
 def _measure(spec: str, steps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from normjax import config_schema, parallel, train  # pylint: disable=g-import-not-at-top
+  from normjax import config_schema, parallel, steps  # pylint: disable=g-import-not-at-top
 
   config = config_schema.load_config(spec)
   mesh = parallel.make_mesh()
   batch, size = config.train.batch_size, config.data.image_size
   channels = 1 if config.data.name.startswith('fashion') else 3
-  programs = train.build_programs(config, 10, (size, size, channels), (0.5,) * channels, (0.25,) * channels,
+  programs = steps.build_programs(config, 10, (size, size, channels), (0.5,) * channels, (0.25,) * channels,
                                   steps_per_epoch=1000, mesh=mesh)
   rng = jax.random.PRNGKey(0)
   state = programs.init(rng)
   data = np.random.default_rng(0)
-  batch_arrays = parallel.global_batch({'image': data.integers(0, 256, (batch, size, size, channels), np.uint8),
-                                        'label': data.integers(0, 10, (batch,), np.int32)}, mesh)
+  images = data.integers(0, 256, (batch, size, size, channels), np.uint8)
+  batch_arrays = parallel.global_batch({'image': images, 'label': data.integers(0, 10, (batch,), np.int32)},
+                                       mesh)
   for _ in range(3):
     state = programs.train_step(state, batch_arrays['image'], batch_arrays['label'], rng)
   jax.block_until_ready(state)

@@ -34,8 +34,8 @@ from jax.experimental import multihost_utils
 
 from normjax import config_schema, metrics_io
 from normjax.errors import CheckpointError, WorkdirError
+from normjax.rundir import RunDir
 
-LOCK_NAME = '.normjax.lock'
 CORRUPT_PREFIX = 'corrupt-'
 _TMP_MARK = '.orbax-checkpoint-tmp'
 
@@ -147,7 +147,7 @@ class WorkdirLock:
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
     self.workdir = pathlib.Path(workdir)
-    self.path = self.workdir / LOCK_NAME
+    self.path = RunDir(self.workdir).lock
     self.enabled = enabled
     self._fd: int | None = None
 
@@ -207,9 +207,10 @@ def finished_summary(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
   """
   if config.train.overwrite:
     return None
+  run = RunDir(workdir)
   try:
-    summary = metrics_io.read_json(workdir / 'summary.json')
-    saved = metrics_io.read_json(workdir / 'config.json')
+    summary = metrics_io.read_json(run.summary)
+    saved = metrics_io.read_json(run.config)
   except (OSError, ValueError):
     return None
   done = summary.get('config', {}).get('train', {}) if isinstance(summary, dict) else {}
@@ -220,12 +221,13 @@ def finished_summary(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path, is_chief: bool) -> None:
   """Refuses to resume a run made by a different config; wipes the run only when asked."""
-  saved_config = workdir / 'config.json'
+  run = RunDir(workdir)
+  saved_config = run.config
   if is_chief:
     if config.train.overwrite:
-      for name in ('checkpoints', 'tensorboard'):
+      for name in RunDir.RUN_FOLDERS:
         shutil.rmtree(workdir / name, ignore_errors=True)
-      for name in ('metrics.jsonl', 'summary.json', 'config.json'):
+      for name in RunDir.RUN_FILES:
         try:
           (workdir / name).unlink(missing_ok=True)
         except OSError as e:
@@ -241,8 +243,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path, is
         raise CheckpointError(
             f'{workdir} holds a run made with a different config ({"; ".join(diffs)}). Use another '
             '--workdir, or --config.train.overwrite=True to discard that run.')
-    elif any((workdir / 'checkpoints').glob('*')):
-      raise CheckpointError(f'{workdir}/checkpoints exists but {saved_config} does not, so the '
+    elif any(run.checkpoints.glob('*')):
+      raise CheckpointError(f'{run.checkpoints} exists but {saved_config} does not, so the '
                             'checkpoints cannot be checked against this config; use another --workdir')
     metrics_io.write_json_atomic(saved_config, config.to_dict())
   multihost_utils.sync_global_devices('normjax_prepare_workdir')
@@ -365,7 +367,7 @@ def restore_latest(workdir: str | os.PathLike) -> tuple[int, dict[str, Any]]:
 
   Reads only: an unreadable newer step is skipped with a warning, not moved.
   """
-  checkpoints = pathlib.Path(workdir) / 'checkpoints'
+  checkpoints = RunDir(workdir).checkpoints
   manager = None
   if checkpoints.is_dir():
     with quiet_orbax():

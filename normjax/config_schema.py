@@ -2,6 +2,7 @@
 
 `configs/base.py` holds the values of the shared recipe; this module holds the
 rules. `tests/test_config_schema.py` asserts both name exactly the same fields.
+The names a field chooses from (models, norms, datasets, ...) are `normjax.registry`'s.
 """
 import importlib.util
 import json
@@ -12,6 +13,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from normjax import registry
 from normjax.errors import ConfigError
 
 
@@ -67,13 +69,9 @@ def _layer_list(item: str, example: str) -> tuple[Callable[[Any], bool], str]:
           f'a comma-separated list like {example!r} (or empty)')
 
 
-DATASETS = ('cifar10', 'cifar10_jpeg', 'fashion_mnist', 'fashion_mnist_idx', 'mnist_idx')
-MODELS = ('lightcnn', 'mobilenet_v2', 'nf_mobilenet_v2', 'mlp', 'lenet', 'medium_light', 'ultra_light',
-          'cnn_mnist', 'tunable_cnn')
-
 SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'seed': _int(),
-    'data.name': _choice(*DATASETS),
+    'data.name': _choice(*registry.DATASETS),
     'data.tfds_dir': _str(),
     'data.source': _str(),
     'data.image_size': _positive_int(),
@@ -83,33 +81,33 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'data.normalize': _bool(),
     'data.crop_padding': _non_negative_int(),
     'data.augment_variants': _non_negative_int(),
-    'model.name': _choice(*MODELS),
+    'model.name': _choice(*registry.MODELS),
     'model.width_mult': _positive_float(),
     'model.cifar_stem': _bool(),
-    'model.norm': _choice('bn', 'gn', 'frn', 'none'),
+    'model.norm': _choice(*registry.BACKBONE_NORMS),
     'model.head': _choice('mlp', 'linear'),
-    'model.head_norm': _choice('bn', 'ln', 'frn', 'gn', 'none'),
+    'model.head_norm': _choice(*registry.HEAD_NORMS),
     'model.head_hidden': _positive_int(),
     'model.dropout': _fraction(),
     'model.conv_layers': _layer_list(r'[1-9]\d*x[1-9]\d*', '32x3,64x5'),  # tunable_cnn
     'model.dense_layers': _layer_list(r'[1-9]\d*', '128,64'),  # tunable_cnn
     'model.frn_learned_eps': _bool(),
-    'model.frn_dense': _choice('features', 'unit'),
+    'model.frn_dense': _choice(*registry.FRN_DENSE_MODES),
     'model.gn_groups': _positive_int(),
-    'model.frozen_bn': _choice('eval', 'train'),
-    'model.head_init': _choice('torch', 'flax'),
+    'model.frozen_bn': _choice(*registry.FROZEN_BN_MODES),
+    'model.head_init': _choice(*registry.HEAD_INITS),
     'model.pretrained': _pretrained(),
     'model.dtype': _choice('float32', 'bfloat16'),
-    'optim.name': _choice('adam', 'adamw', 'sgd'),
+    'optim.name': _choice(*registry.OPTIMIZERS),
     'optim.lr': _positive_float(),
     'optim.backbone_lr': _non_negative_float(),
     'optim.trainable_blocks': _trainable_blocks(),
     'optim.momentum': _fraction(),
     'optim.nesterov': _bool(),
     'optim.weight_decay': _non_negative_float(),
-    'optim.schedule': _choice('constant', 'cosine'),
+    'optim.schedule': _choice(*registry.SCHEDULES),
     'optim.warmup_epochs': _non_negative_float(),
-    'optim.clip': _choice('none', 'global_norm', 'agc'),
+    'optim.clip': _choice(*registry.CLIPS),
     'optim.clip_norm': _positive_float(),
     'optim.agc_lambda': _positive_float(),
     'optim.agc_eps': _positive_float(),

@@ -41,7 +41,7 @@ from absl import logging
 from normjax import metrics_io
 from normjax.data import augment, pipeline
 from normjax.errors import ConfigError, FeatureCacheError
-from normjax.models import mobilenet_v2
+from normjax.models import common, mobilenet_v2
 
 ENV_CACHE_DIR = 'NORMJAX_CACHE_DIR'
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ def cache_root(setting: str) -> pathlib.Path:
 
 
 def first_trainable(config: ml_collections.ConfigDict) -> int:
-  return mobilenet_v2.first_trainable_block(config.optim.trainable_blocks)
+  return common.first_trainable(mobilenet_v2.NUM_BLOCKS, config.optim.trainable_blocks)
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -115,7 +115,7 @@ def weights_digest(variables: Any) -> str:
 def prefix_variables(variables: dict[str, Any], first: int) -> dict[str, Any]:
   """{collection: {'backbone': ...}} restricted to blocks features_0 .. features_<first-1>."""
   keep = lambda tree: {k: v for k, v in tree.items()
-                       if k.startswith('features_') and int(k.split('_')[1]) < first}
+                       if common.block_index(k) is not None and common.block_index(k) < first}
   return {col: {'backbone': keep(tree['backbone'])} for col, tree in variables.items()
           if 'backbone' in tree}
 
@@ -270,7 +270,8 @@ def prepare(config: ml_collections.ConfigDict, model: Any, variables: dict[str, 
   train_fn = jax.jit(lambda images, k: apply_prefix(augment.train_preprocess(
       images, k, padding=config.data.crop_padding, augment=config.data.augment, **norm)))
   eval_fn = jax.jit(lambda images: apply_prefix(augment.eval_preprocess(images, **norm)))
-  feature_shape = jax.eval_shape(eval_fn, jax.ShapeDtypeStruct((1, size, size, channels), jnp.uint8)).shape[1:]
+  feature_shape = jax.eval_shape(eval_fn,
+                                 jax.ShapeDtypeStruct((1, size, size, channels), jnp.uint8)).shape[1:]
   row_bytes = int(np.prod(feature_shape)) * 4
 
   batch = config.train.batch_size

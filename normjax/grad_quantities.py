@@ -22,7 +22,6 @@ size. At initialisation it compares torch's and flax's head init; with --workdir
 measures the run's latest checkpoint, the end of training.
 """
 import argparse
-import json
 import pathlib
 import sys
 from typing import Any, Sequence

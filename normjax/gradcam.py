@@ -42,7 +42,8 @@ import jax.numpy as jnp
 from matplotlib.figure import Figure
 import numpy as np
 
-from normjax import landscape, report
+from normjax import landscape, runs
+from normjax.rundir import RunDir
 
 BACKBONE = 'backbone'  # Classifier's backbone attribute: its output is the default map
 DEFAULT_IMAGES = 20
@@ -68,7 +69,7 @@ def layer_path(layer: str | None) -> tuple[str, ...]:
 
 
 def _layer_names(variables: dict[str, Any]) -> list[str]:
-  return sorted(variables['params'].get(BACKBONE, {}), key=report.natural_key)
+  return sorted(variables['params'].get(BACKBONE, {}), key=runs.natural_key)
 
 
 def _apply_capturing(model: nn.Module, variables: dict[str, Any], x: jax.Array,
@@ -186,11 +187,12 @@ def run_gradcam(workdir: str | os.PathLike, *, images: int = DEFAULT_IMAGES, lay
   target = np.asarray(result.target)
   names = run.splits.class_names
   tag = (layer or BACKBONE).replace('/', '-')
-  out = pathlib.Path(out) if out else run.workdir / 'gradcam'
+  out = pathlib.Path(out) if out else RunDir(run.workdir).gradcam
   out.mkdir(parents=True, exist_ok=True)
   png = out / f'gradcam_{split}_{tag}.png'
   title = (f'{run.name} (step {run.step}): Grad-CAM of the predicted class at '
-           f'{(layer or BACKBONE)} ({result.features.shape[1]}x{result.features.shape[2]} map), {split} split')
+           f'{(layer or BACKBONE)} ({result.features.shape[1]}x{result.features.shape[2]} map), '
+           f'{split} split')
   plot_grid(images_u8, np.asarray(result.heatmap), [names[i] for i in data.labels[indices]],
             [names[i] for i in target], probs[np.arange(len(target)), target], indices, png, title)
   np.savez(png.with_suffix('.npz'), indices=indices, labels=data.labels[indices], predicted=target,

@@ -64,12 +64,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from normjax import config_schema, metrics_io, optim, train
+from normjax import checkpoint, config_schema, metrics_io, optim
 from normjax import features as features_lib
 from normjax.data import augment, pipeline
 from normjax.models.factory import create_model
+from normjax.rundir import RunDir
 
-LANDSCAPE_DIR = 'landscape'
 SHARPNESS_MD = 'sharpness.md'
 COMPARE_1D_PNG = 'compare_1d.png'
 COMPARE_2D_PNG = 'compare_2d.png'
@@ -86,7 +86,7 @@ Batches = Iterable[tuple[Any, Any, Any]]
 
 
 def classification(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-example cross-entropy and correctness (train.eval_step's loss)."""
+  """Per-example cross-entropy and correctness (steps.eval_step's loss)."""
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
@@ -175,8 +175,12 @@ def active_leaves(directions: Sequence[Any]) -> tuple[bool, ...]:
 
 
 def make_chunk_evaluator(apply_fn: Callable[[Any, Any], jax.Array], active: Sequence[bool],
-                         per_example: PerExample = classification) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """jit((params, directions, coords (K, dims), inputs, labels, mask) -> (loss sums (K,), correct sums (K,)))."""
+                         per_example: PerExample = classification
+                         ) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """jit((params, directions, coords (K, dims), inputs, labels, mask) -> (loss sums, correct sums)).
+
+  Both sums have shape (K,): one per grid point of the chunk.
+  """
 
   def point(params, directions, coord, inputs, labels, mask):
     outputs = apply_fn(perturb(params, directions, coord, active), inputs)
@@ -350,11 +354,13 @@ class LoadedRun:
 
   @property
   def variables(self) -> dict[str, Any]:
-    return {'params': self.params, 'batch_stats': self.batch_stats} if self.batch_stats else {'params': self.params}
+    if self.batch_stats:
+      return {'params': self.params, 'batch_stats': self.batch_stats}
+    return {'params': self.params}
 
   def apply_fn(self, params: Any, x: jax.Array) -> jax.Array:
     """Logits in eval mode (running BN statistics, no dropout) on preprocessed inputs."""
-    variables = {'params': params, 'batch_stats': self.batch_stats} if self.batch_stats else {'params': params}
+    variables = {**self.variables, 'params': params}
     return self.model.apply(variables, x, train=False, start_block=self.start_block)
 
   def preprocess(self, images_u8: jax.Array) -> jax.Array:
@@ -377,7 +383,7 @@ class LoadedRun:
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The run's config.json, with fields added to normjax since the run was made filled in."""
-  path = pathlib.Path(workdir) / 'config.json'
+  path = RunDir(workdir).config
   if not path.exists():
     raise FileNotFoundError(f'{workdir}: no config.json; is it a normjax run directory?')
   return ml_collections.ConfigDict(config_schema.upgrade(metrics_io.read_json(path)))
@@ -387,7 +393,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
   """Config, data splits, model and the latest checkpoint's params/batch_stats."""
   workdir = pathlib.Path(workdir).absolute()
   config = read_run_config(workdir)
-  step, restored = train.restore_latest(workdir)
+  step, restored = checkpoint.restore_latest(workdir)
   splits = pipeline.load_splits(config.data, config.seed)
   model = create_model(config, splits.num_classes)
   batch_stats = restored.get('batch_stats') or {}
@@ -452,7 +458,7 @@ def run_landscape(workdir: str | os.PathLike, *, dims: int = 1, points: int = DE
   mask = trained_mask(run.params, run.config.optim.trainable_blocks)
   directions = make_directions(run.params, mask, dims, seed, include_bn_bias)
   name = surface_name(dims, points, span, split, len(data), seed, include_bn_bias)
-  path = run.workdir / LANDSCAPE_DIR / f'{name}.npz'
+  path = RunDir(run.workdir).landscape / f'{name}.npz'
   meta = {'workdir': str(run.workdir), 'run': run.name, 'step': run.step, 'dims': dims,
           'points': points, 'span': float(span), 'split': split, 'examples': len(data),
           'seed': seed, 'include_bn_bias': bool(include_bn_bias),
@@ -494,7 +500,7 @@ def sharpness(workdir: str | os.PathLike, name: str | None = None) -> float | No
   `name` picks a surface file (stem); otherwise the default-argument 1-D surface
   (surface_1d_p21_s1.0_val_n*_seed0_biasbn0), else the newest complete 1-D one.
   """
-  folder = pathlib.Path(workdir) / LANDSCAPE_DIR
+  folder = RunDir(workdir).landscape
   if name is not None:
     candidates = [folder / f'{name}.npz']
   else:
@@ -640,7 +646,7 @@ def compare(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | None
   (default: <first workdir's parent>/landscape); returns the sharpness.md path.
   """
   paths = [pathlib.Path(w).absolute() for w in workdirs]
-  out = pathlib.Path(out) if out else paths[0].parent / LANDSCAPE_DIR
+  out = pathlib.Path(out) if out else paths[0].parent / RunDir.LANDSCAPE
   out.mkdir(parents=True, exist_ok=True)
   names = run_names(paths)
   one_d, two_d = [], []
@@ -672,8 +678,10 @@ def compare(workdirs: Sequence[str | os.PathLike], out: str | os.PathLike | None
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m normjax.landscape',
                                    description=__doc__.split('\n')[0])
-  parser.add_argument('workdirs', nargs='+', metavar='WORKDIR', help='run directory (several with --compare)')
-  parser.add_argument('--compare', action='store_true', help='plot several runs side by side + sharpness table')
+  parser.add_argument('workdirs', nargs='+', metavar='WORKDIR',
+                      help='run directory (several with --compare)')
+  parser.add_argument('--compare', action='store_true',
+                      help='plot several runs side by side + sharpness table')
   parser.add_argument('--dims', type=int, choices=(1, 2), default=1)
   parser.add_argument('--points', type=int, default=DEFAULT_POINTS, help='grid points per axis')
   parser.add_argument('--span', type=float, default=DEFAULT_SPAN, help='grid covers [-span, span]')
@@ -684,7 +692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='also move biases and norm params (d = w, as the paper code)')
   parser.add_argument('--seed', type=int, default=0, help='direction seed')
   parser.add_argument('--chunk', type=int, default=DEFAULT_CHUNK, help='grid points per vmapped call')
-  parser.add_argument('--batch_size', type=int, default=0, help='examples per call (0: train.eval_batch_size)')
+  parser.add_argument('--batch_size', type=int, default=0,
+                      help='examples per call (0: train.eval_batch_size)')
   parser.add_argument('--out', default=None, help='--compare output directory '
                       '(default: <first workdir parent>/landscape)')
   args = parser.parse_args(argv)

@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from normjax.errors import WorkdirError
+from normjax.rundir import RunDir
 
 
 def to_json(x: Any) -> Any:
@@ -102,14 +103,14 @@ def _tensorboard_writer(workdir: pathlib.Path):
   except ImportError as e:  # clu.metric_writers needs tensorflow and tensorboard
     logging.info('No TensorBoard events (%s); metrics.jsonl has every record.', e)
     return None
-  return metric_writers.SummaryWriter(str(workdir / 'tensorboard'))
+  return metric_writers.SummaryWriter(str(RunDir(workdir).tensorboard))
 
 
 class MetricsLog:
   """Appends one JSON object per record; mirrors scalars (and layer histograms) to TensorBoard."""
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
-    self.path = pathlib.Path(workdir) / 'metrics.jsonl'
+    self.path = RunDir(workdir).metrics
     self.enabled = enabled  # False on every process but 0
     self._tb = _tensorboard_writer(pathlib.Path(workdir)) if enabled else None
 
@@ -140,8 +141,8 @@ class MetricsLog:
       self._write_tensorboard(kind, step, record)
 
   def _write_tensorboard(self, kind: str, step: int, record: dict[str, Any]) -> None:
-    numbers = {k: v for k, v in record.items()
-               if k not in ('kind', 'step', 'epoch') and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = {k: v for k, v in record.items() if k not in ('kind', 'step', 'epoch')
+               and isinstance(v, (int, float)) and not isinstance(v, bool)}
     try:
       if kind == 'layers':  # hundreds of per-layer values: one histogram per statistic
         groups: dict[str, list[float]] = {}
@@ -152,7 +153,7 @@ class MetricsLog:
         self._tb.write_scalars(step, {f'{kind}/{k}': v for k, v in numbers.items()})
       self._tb.flush()
     except Exception as e:  # pylint: disable=broad-except  (TensorFlow raises its own error types)
-      raise WorkdirError(f'cannot write TensorBoard events in {self.path.parent / "tensorboard"}: '
+      raise WorkdirError(f'cannot write TensorBoard events in {RunDir(self.path.parent).tensorboard}: '
                          f'{str(e).splitlines()[0] if str(e) else type(e).__name__}') from e
 
   def truncate_after(self, step: int) -> None:

@@ -6,19 +6,13 @@ so the opt_state is a `normjax.monitor.MonitorState` whose statistics a train
 step reads with `normjax.monitor.summarize` / `summarize_layers`.
 Groups are chosen by a predicate on the param path, as in nfnets' optim.
 """
-import re
-
 import jax
 import ml_collections
 import optax
 
-from normjax import monitor
+from normjax import monitor, registry
 from normjax.errors import ConfigError
-
-OPTIMIZERS = ('adam', 'adamw', 'sgd')
-SCHEDULES = ('constant', 'cosine')
-CLIPS = ('none', 'global_norm', 'agc')
-_BLOCK = re.compile(r'features_(\d+)')
+from normjax.models import common
 
 
 def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -36,23 +30,20 @@ def param_labels(params: optax.Params, trainable_blocks: int) -> optax.Params:
   backbone = params.get('backbone', {})
   indices = []
   for key in backbone:
-    match = _BLOCK.fullmatch(key)
-    if match is None:
+    index = common.block_index(key)
+    if index is None:
       raise ValueError(f'backbone block {key!r} is not named features_<i>; optim.trainable_blocks '
                        'needs block indices')
-    indices.append(int(match.group(1)))
+    indices.append(index)
   indices.sort()
-  if trainable_blocks < -1 or trainable_blocks > len(indices):
-    raise ConfigError(f'optim.trainable_blocks must be -1 (all), 0 (none) or 1..{len(indices)} '
-                     f'(the backbone has {len(indices)} blocks), got {trainable_blocks}')
-  trainable = set(indices if trainable_blocks == -1 else indices[len(indices) - trainable_blocks:])
+  trainable = set(indices[common.first_trainable(len(indices), trainable_blocks):])
 
   def label(path, _):
     names = monitor.path_names(path)
     if names[0] == 'head':
       return 'head'
     if names[0] == 'backbone':
-      return 'backbone' if int(_BLOCK.fullmatch(names[1]).group(1)) in trainable else 'frozen'
+      return 'backbone' if common.block_index(names[1]) in trainable else 'frozen'
     raise ValueError(f'param {"/".join(names)!r} is neither under backbone nor head')
 
   return jax.tree_util.tree_map_with_path(label, params)
@@ -77,7 +68,7 @@ def learning_rate_schedule(base_lr: float, config: ml_collections.ConfigDict,
   cosine decays to 0 at train.max_steps if > 0, else num_epochs * steps_per_epoch.
   """
   optim = config.optim
-  _check_choice('optim.schedule', optim.schedule, SCHEDULES)
+  _check_choice('optim.schedule', optim.schedule, registry.SCHEDULES)
   total = config.train.max_steps or config.train.num_epochs * steps_per_epoch
   warmup = int(round(optim.warmup_epochs * steps_per_epoch))
   if optim.schedule == 'cosine':
@@ -106,7 +97,7 @@ def make_clipper(config: ml_collections.ConfigDict,
   for biases and norm scales, as in nfnets. It skips params['head']['out'].
   """
   optim = config.optim
-  _check_choice('optim.clip', optim.clip, CLIPS)
+  _check_choice('optim.clip', optim.clip, registry.CLIPS)
   if optim.clip == 'none':
     return optax.identity()
   if optim.clip == 'global_norm':
@@ -120,7 +111,7 @@ def make_clipper(config: ml_collections.ConfigDict,
 def _base_optimizer(config: ml_collections.ConfigDict,
                     learning_rate: optax.Schedule) -> optax.GradientTransformation:
   optim = config.optim
-  _check_choice('optim.name', optim.name, OPTIMIZERS)
+  _check_choice('optim.name', optim.name, registry.OPTIMIZERS)
   if optim.name == 'adamw':  # decoupled weight decay (Loshchilov & Hutter 2019), torch.optim.AdamW
     return optax.adamw(learning_rate, weight_decay=optim.weight_decay)
   if optim.name == 'adam':

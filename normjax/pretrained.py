@@ -39,6 +39,7 @@ from normjax import checkpoint, torch_checkpoint
 from normjax.errors import WeightsError
 from normjax.models.classifier import Classifier
 from normjax.models.mobilenet_v2 import mobilenet_v2
+from normjax.rundir import RunDir
 
 # normjax.data.pipeline.ENV_DATA_DIR, not imported from there: that module imports tfds.
 ENV_DATA_DIR = 'NORMJAX_DATA_DIR'
@@ -273,7 +274,7 @@ def load_pretrained_backbone(spec: str, variables: Mapping[str, Any], *,
       ported = port_state_dict(state_dict, mobilenet_v2(_num_classes(state_dict)))
       return _replace_backbone(variables, ported['params']['backbone'],
                                ported['batch_stats']['backbone'], spec)
-  if os.path.isdir(os.path.join(spec, 'checkpoints')):  # a normjax run: its latest backbone
+  if RunDir(spec).checkpoints.is_dir():  # a normjax run: its latest backbone
     restored = jax.device_get(checkpoint.restore_latest(spec)[1])
   elif os.path.isdir(spec):
     restored = _restore_orbax(spec)
@@ -285,7 +286,8 @@ def load_pretrained_backbone(spec: str, variables: Mapping[str, Any], *,
         f'pretrained spec {spec!r} is neither one of {sorted(TORCHVISION_WEIGHTS)}, a checkpoint '
         f'directory written by `python -m normjax.port`, a normjax workdir, nor a torch state_dict file.')
   try:
-    params, batch_stats = restored['params']['backbone'], (restored.get('batch_stats') or {}).get('backbone', {})
+    params = restored['params']['backbone']
+    batch_stats = (restored.get('batch_stats') or {}).get('backbone', {})
   except (KeyError, TypeError, AttributeError) as e:
     raise WeightsError(f'{spec}: expected params/backbone and batch_stats/backbone, found '
                        f'top-level keys {sorted(restored)}') from e

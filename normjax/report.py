@@ -3,20 +3,16 @@
   python -m normjax.report WORKDIR [--out=DIR]
 
 A run is any directory holding `summary.json` (finished) or only
-`metrics.jsonl` (in progress, or stopped before the end). Everything is read
-from those JSON files (and `config.json`), so the report needs neither
-TensorFlow nor JAX (JAX only to read a run's landscape surfaces). The figures use matplotlib's object API (no pyplot), so
-importing this module never changes the global backend.
+`metrics.jsonl` (in progress, or stopped before the end): normjax.runs reads them and
+normjax.study maps them to the original study; this module writes the tables and figures.
+The report needs neither TensorFlow nor JAX (JAX only to read a run's landscape surfaces).
+The figures use matplotlib's object API (no pyplot), so importing this module never changes
+the global backend.
 """
 import argparse
 import collections
-import dataclasses
-import json
 import math
-import os
 import pathlib
-import re
-import statistics
 import sys
 from typing import Any, Iterable, Sequence
 
@@ -24,10 +20,10 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 import numpy as np
 
-from normjax import config_schema, metrics_io
-
-NA = 'n/a'
-SKIP_DIRS = ('checkpoints',)  # orbax trees: many files, never a run
+from normjax.models import common
+from normjax.rundir import RunDir
+from normjax.runs import NA, Run, Stats, find_runs, fmt_duration, fmt_num, fmt_pct, natural_key, run_stats
+from normjax.study import STUDY_RUNS, augment_variants, study_deviations, study_run
 
 # Output files this module owns; a section that no longer applies removes its stale file.
 CURVES_PNG = 'curves.png'
@@ -36,227 +32,6 @@ LAYER_DIST_PNG = 'layer_grad_dist.png'
 AGC_FRAC_PNG = 'agc_clipped_frac.png'
 BATCH_SIZE_PNG = 'batch_size.png'
 REPORT_MD = 'report.md'
-
-
-@dataclasses.dataclass(frozen=True)
-class StudyRun:
-  """A run of the original study and the numbers its report gives (study.md section 1)."""
-  final_val: float | None = None   # final validation accuracy, %
-  epoch1_val: float | None = None  # validation accuracy after epoch 1, %
-  grad_norm: str | None = None     # global gradient norm, start -> end of training
-
-
-# study.md section 1, "Results reported"; the two other runs' numbers were not given.
-STUDY_RUNS = {
-    'FRN-NoClip': StudyRun(final_val=90.57, grad_norm='~44 -> <29'),
-    'BN-Clip': StudyRun(final_val=90.71, epoch1_val=75.16, grad_norm='15.46 -> 0.29'),
-    'LN-NoClip': StudyRun(final_val=90.22, grad_norm='~44 -> <29'),
-    'BN-NoClip': StudyRun(final_val=89.64, epoch1_val=73.73),
-    'FRN-Clip': StudyRun(),
-    'LN-Clip': StudyRun(),
-}
-
-# The study's recipe (study.md section 1) on every field whose change changes its numbers;
-# a run mapped to a study run lists, in a footnote, every field where it differs.
-STUDY_RECIPE = {
-    'data.name': 'cifar10',          # original CIFAR-10 (cifar10_jpeg is a JPEG re-encoding)
-    'data.image_size': 224,          # resized to 224x224
-    'data.train_subset': 0,          # the full 80% train split
-    'data.val_fraction': 0.2,        # 80% train / 20% validation
-    'data.augment': True,            # RandomCrop(32, padding=4) + RandomHorizontalFlip
-    'data.crop_padding': 4,
-    'model.width_mult': 1.0,         # torchvision MobileNetV2
-    'model.cifar_stem': False,       # torchvision's ImageNet strides
-    'model.pretrained': 'torchvision_v1',  # ImageNet weights (torchvision pretrained=True)
-    # The study's Colab code most likely called model.train() with requires_grad=False on the
-    # frozen blocks: their BatchNorms used batch statistics and updated running ones.
-    'model.frozen_bn': 'train',
-    'model.head_init': 'torch',      # nn.Linear layers
-    'model.head_hidden': 256,        # FC(1280->256)
-    'model.dropout': 0.5,
-    'model.frn_dense': 'features',   # the study's FRN averaged nu2 over the head's features
-    'model.dtype': 'float32',
-    'optim.name': 'adam',
-    'optim.lr': 1e-3,                # head LR
-    'optim.backbone_lr': 1e-5,       # features.18 LR
-    'optim.trainable_blocks': 1,     # only features.18 fine-tuned
-    'optim.weight_decay': 0.0,
-    'optim.schedule': 'constant',
-    'optim.warmup_epochs': 0.0,
-    'train.batch_size': 64,
-    'train.num_epochs': 15,
-    'train.max_steps': 0,
-}
-
-
-@dataclasses.dataclass
-class Run:
-  """One workdir: its config, summary (None while in progress) and metrics records."""
-  name: str
-  path: pathlib.Path
-  config: dict[str, Any]
-  summary: dict[str, Any] | None
-  records: list[dict[str, Any]]
-
-  @property
-  def finished(self) -> bool:
-    return self.summary is not None
-
-  def cfg(self, dotted: str, default: Any = None) -> Any:
-    """A config field by dotted name ('optim.clip'), or `default` when absent."""
-    node: Any = self.config
-    for key in dotted.split('.'):
-      if not isinstance(node, dict) or key not in node:
-        return default
-      node = node[key]
-    return node
-
-  def kind(self, kind: str) -> list[dict[str, Any]]:
-    return [r for r in self.records if r.get('kind') == kind]
-
-
-def natural_key(text: str) -> list[Any]:
-  """Sort key that orders 'features_2' before 'features_10'."""
-  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', text)]
-
-
-def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
-  """metrics.jsonl's records; names the file when a line is not JSON."""
-  try:
-    return list(metrics_io.read_jsonl(path))
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path}: not a JSON record: {e}') from e
-
-
-def load_run(path: pathlib.Path, root: pathlib.Path) -> Run:
-  summary = None
-  if (path / 'summary.json').exists():
-    summary = metrics_io.read_json(path / 'summary.json')
-  config = {}
-  if summary is not None and 'config' in summary:
-    config = summary['config']
-  elif (path / 'config.json').exists():
-    config = metrics_io.read_json(path / 'config.json')
-  records = []
-  if (path / 'metrics.jsonl').exists():
-    records = read_metrics(path / 'metrics.jsonl')
-  name = path.relative_to(root).as_posix()
-  config = config_schema.upgrade(config) if config else config
-  return Run(name=path.resolve().name if name == '.' else name, path=path, config=config,
-             summary=summary, records=records)
-
-
-def find_runs(root: str | pathlib.Path) -> list[Run]:
-  """Every directory under `root` (itself included) holding summary.json or metrics.jsonl."""
-  root = pathlib.Path(root)
-  if not root.is_dir():
-    raise FileNotFoundError(f'{root} is not a directory')
-  runs = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]  # prune: never descend there
-    if 'summary.json' in filenames or 'metrics.jsonl' in filenames:
-      runs.append(load_run(pathlib.Path(dirpath), root))
-  return sorted(runs, key=lambda r: natural_key(r.name))
-
-
-def study_run(run: Run) -> str | None:
-  """The study run this run reproduces ('BN-Clip', ...) judged by model, head and clipping."""
-  norm = run.cfg('model.head_norm')
-  clip = run.cfg('optim.clip')
-  if (run.cfg('model.name') != 'mobilenet_v2' or run.cfg('model.norm') != 'bn'
-      or run.cfg('model.head') != 'mlp' or norm not in ('bn', 'ln', 'frn')):
-    return None
-  if clip == 'none':
-    return f'{norm.upper()}-NoClip'
-  if clip == 'global_norm' and run.cfg('optim.clip_norm') == 1.0:  # study: max_norm=1.0
-    return f'{norm.upper()}-Clip'
-  return None
-
-
-def augment_variants(run: Run) -> int | None:
-  """K, the augmentations per image a cached run drew from; None for an online run (fresh each epoch)."""
-  if not run.cfg('train.feature_cache') or not run.cfg('data.augment', True):
-    return None
-  if run.cfg('model.frozen_bn') == 'train':  # 'auto' trains such a run online
-    return None
-  return run.cfg('data.augment_variants') or run.cfg('train.num_epochs')
-
-
-def study_deviations(run: Run) -> list[str]:
-  """The study recipe fields this run changes, as 'field=value (study: value)'."""
-  out = []
-  for field, want in STUDY_RECIPE.items():
-    got = run.cfg(field)
-    if got is not None and got != want:
-      note = ', a JPEG re-encoding of CIFAR-10' if got == 'cifar10_jpeg' else ''
-      out.append(f'{field}={got} (study: {want}{note})')
-  k = augment_variants(run)
-  if k is not None and k < run.cfg('train.num_epochs', 0):
-    out.append(f'data.augment_variants={k}: the frozen-feature cache holds {k} augmentations per '
-               f'image, reused every {k} epochs (study: a fresh draw every epoch)')
-  return out
-
-
-@dataclasses.dataclass
-class Stats:
-  """A run's headline numbers; accuracies are fractions, None when unknown."""
-  final_val: float | None
-  best_val: float | None
-  epoch1_val: float | None
-  test: float | None
-  grad_norm_first: float | None
-  grad_norm_last: float | None
-  images_per_sec: float | None
-  wall_time_s: float | None
-  epochs: float | None
-  device: str | None
-  peak_memory_bytes: float | None    # device allocator peak (GPU/TPU)
-  peak_host_rss_bytes: float | None  # written instead on CPU, which has no allocator stats
-
-
-def run_stats(run: Run) -> Stats:
-  """Summary values where the run finished, else what its metrics records show so far."""
-  s = run.summary or {}
-
-  def pick(key: str, fallback: Any) -> Any:
-    return fallback if s.get(key) is None else s[key]
-
-  val = [r['accuracy'] for r in run.kind('val')]
-  epoch1 = [r['accuracy'] for r in run.kind('val') if r['epoch'] >= 1 - 1e-6]
-  test = [r['accuracy'] for r in run.kind('test')]
-  grad = [r['grad_norm'] for r in run.kind('train') if 'grad_norm' in r]
-  # The first window includes compilation, so the fallback is the median window.
-  speed = [r['images_per_sec'] for r in run.kind('train') if 'images_per_sec' in r]
-  device = f"{s['device_kind']} x{s.get('num_devices', 1)}" if 'device_kind' in s else None
-  return Stats(
-      final_val=pick('final_val_accuracy', val[-1] if val else None),
-      best_val=pick('best_val_accuracy', max(val) if val else None),
-      epoch1_val=pick('epoch1_val_accuracy', epoch1[0] if epoch1 else None),
-      test=pick('test_accuracy', test[-1] if test else None),
-      grad_norm_first=pick('grad_norm_first', grad[0] if grad else None),
-      grad_norm_last=pick('grad_norm_last', grad[-1] if grad else None),
-      images_per_sec=pick('images_per_sec', statistics.median(speed) if speed else None),
-      wall_time_s=s.get('wall_time_s'),
-      epochs=pick('epochs', run.records[-1].get('epoch') if run.records else None),
-      device=device,
-      peak_memory_bytes=s.get('peak_memory_bytes'),
-      peak_host_rss_bytes=s.get('peak_host_rss_bytes'))
-
-
-def fmt_pct(x: float | None) -> str:
-  return NA if x is None else f'{100 * x:.2f}'
-
-
-def fmt_num(x: float | None, digits: int = 4) -> str:
-  return NA if x is None else f'{x:.{digits}g}'
-
-
-def fmt_duration(seconds: float | None) -> str:
-  if seconds is None:
-    return NA
-  m, s = divmod(int(round(seconds)), 60)
-  h, m = divmod(m, 60)
-  return f'{h}:{m:02d}:{s:02d}'
 
 
 def fmt_memory(st: Stats) -> str:
@@ -352,7 +127,7 @@ def runs_section(runs: list[Run]) -> list[str]:
 
 def run_sharpness(run: Run) -> float | None:
   """The loss rise at +-0.5 along the run's 1-D landscape (`python -m normjax.landscape`), if any."""
-  if not (run.path / 'landscape').is_dir():
+  if not RunDir(run.path).landscape.is_dir():
     return None
   from normjax import landscape  # pylint: disable=g-import-not-at-top  (JAX, only for surfaces)
   return landscape.sharpness(run.path)
@@ -447,7 +222,10 @@ def block_of(layer: str) -> str:
 
 
 def short_block(block: str) -> str:
-  return re.sub(r'^backbone/features_(\d+)$', r'\1', block)
+  """'backbone/features_3' -> '3'; any other block stays."""
+  top, _, name = block.partition('/')
+  index = common.block_index(name) if top == 'backbone' else None
+  return block if index is None else str(index)
 
 
 def layer_values(run: Run, stat: str) -> dict[str, np.ndarray]:

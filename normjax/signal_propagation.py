@@ -7,7 +7,6 @@ variance over (batch, H, W) (deepmind-research nfnets/base.py `signal_metrics`).
 A well-conditioned net keeps the variance near 1 through depth; an unnormalized
 plain net lets it explode or vanish.
 """
-import re
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -15,11 +14,11 @@ import jax
 import jax.numpy as jnp
 from matplotlib.figure import Figure  # the object API: importing this never sets a backend
 
-_BLOCK = re.compile(r'features_(\d+)')
+from normjax.models import common
 
 
 def _is_block(module: nn.Module, method_name: str) -> bool:
-  return method_name == '__call__' and bool(_BLOCK.fullmatch(module.name or ''))
+  return method_name == '__call__' and common.block_index(module.name or '') is not None
 
 
 def signal_propagation(module: nn.Module, variables: Mapping[str, Any], x: jnp.ndarray,
@@ -40,18 +39,18 @@ def signal_propagation(module: nn.Module, variables: Mapping[str, Any], x: jnp.n
     stats = {}
     for name, captured in state.get('intermediates', {}).items():
       # Top-level blocks only: {'features_<i>': {'__call__': (y,)}}.
-      if not _BLOCK.fullmatch(name) or '__call__' not in captured:
+      if common.block_index(name) is None or '__call__' not in captured:
         continue
       y = captured['__call__'][0].astype(jnp.float32)
       channel_mean = jnp.mean(y, axis=(0, 1, 2))
-      stats[int(_BLOCK.fullmatch(name).group(1))] = (jnp.mean(channel_mean**2),
-                                                      jnp.mean(jnp.var(y, axis=(0, 1, 2))))
+      stats[common.block_index(name)] = (jnp.mean(channel_mean**2),
+                                         jnp.mean(jnp.var(y, axis=(0, 1, 2))))
     return stats
 
   stats = block_stats(variables, x)
   if not stats:
     raise ValueError(f'signal_propagation: {type(module).__name__} has no features_<i> blocks')
-  return [{'block': f'features_{i}', 'index': i, 'avg_sq_mean': float(stats[i][0]),
+  return [{'block': common.block_name(i), 'index': i, 'avg_sq_mean': float(stats[i][0]),
            'avg_var': float(stats[i][1])} for i in sorted(stats)]
 
 

@@ -21,11 +21,12 @@ from typing import Sequence
 from absl import logging
 import ml_collections
 
-from normjax import config_schema, errors, metrics_io, report, train
+from normjax import config_schema, errors, metrics_io, runs, train
+from normjax.rundir import RunDir
 
 
 def pct(fraction: float | None) -> str:
-  text = report.fmt_pct(fraction)
+  text = runs.fmt_pct(fraction)
   return text if fraction is None else f'{text}%'
 
 
@@ -56,8 +57,8 @@ def run_sweep(specs: Sequence[str], workdir: str | pathlib.Path,
   for i, (stem, (spec, config)) in enumerate(configs.items(), start=1):
     tag = f'[{i}/{len(configs)}] {stem}'
     run_dir = workdir / stem
-    if (run_dir / 'summary.json').exists() and not config.train.overwrite:
-      print(f'{tag}: skipped, {run_dir / "summary.json"} exists (a finished run; '
+    if RunDir(run_dir).summary.exists() and not config.train.overwrite:
+      print(f'{tag}: skipped, {RunDir(run_dir).summary} exists (a finished run; '
             '--set=train.overwrite=True reruns it)', flush=True)
       counts['skipped'] += 1
       continue
@@ -70,12 +71,12 @@ def run_sweep(specs: Sequence[str], workdir: str | pathlib.Path,
       raise
     except Exception as e:  # pylint: disable=broad-except  # one failed run must not stop the rest
       traceback.print_exc()
-      print(f'{tag}: FAILED after {report.fmt_duration(time.time() - t0)}: '
+      print(f'{tag}: FAILED after {runs.fmt_duration(time.time() - t0)}: '
             f'{type(e).__name__}: {e}', flush=True)
       failed.append(stem)
       counts['failed'] += 1
       continue
-    print(f'{tag}: done in {report.fmt_duration(time.time() - t0)}, final val '
+    print(f'{tag}: done in {runs.fmt_duration(time.time() - t0)}, final val '
           f'{pct(summary.get("final_val_accuracy"))}, test {pct(summary.get("test_accuracy"))}',
           flush=True)
     counts['done'] += 1
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except errors.Preempted as e:
     return 128 + e.signum
   if args.report:
+    from normjax import report  # pylint: disable=g-import-not-at-top  (matplotlib, only for --report)
     try:
       print(f'sweep: wrote {report.write_report(args.workdir)}')
     except ValueError as e:  # e.g. every run failed before writing metrics

@@ -1,129 +1,28 @@
-"""Training and evaluation: the state, the jitted steps, the loop, checkpoints, resume, preemption.
+"""The training loop: train, evaluate each epoch, checkpoint, resume, preemption, summary.
 
 Data order and augmentation are pure functions of (seed, step), and the metric
 window is part of the checkpointed state, so a run killed at any step and
-resumed ends bit-identical to an uninterrupted one.
+resumed ends bit-identical to an uninterrupted one. The jitted programs the
+loop runs are built in normjax.steps.
 """
 import contextlib
-import dataclasses
-import functools
 import pathlib
 import resource
 import signal
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 
-from normjax import checkpoint, config_schema, features, metrics_io, monitor, optim, parallel, pretrained
+from normjax import (checkpoint, config_schema, features, metrics_io, monitor, optim, parallel, pretrained,
+                     runs, steps)
 from normjax.errors import ConfigError, NonFiniteError, Preempted
-from normjax.data import augment, pipeline
-from normjax.models.factory import create_model
-
-
-def _average(values: jax.Array, weights: jax.Array) -> clu_metrics.Average:
-  weights = jnp.broadcast_to(weights, jnp.shape(values))
-  return clu_metrics.Average(total=jnp.sum(jnp.where(weights, values, 0.0)).astype(jnp.float32),
-                             count=jnp.sum(weights).astype(jnp.int32))
-
-
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-  loss: clu_metrics.Average
-  accuracy: clu_metrics.Accuracy
-  grad_norm: clu_metrics.Average
-  grad_norm_clipped: clu_metrics.Average
-  clip_fired: clu_metrics.Average
-  param_norm: clu_metrics.Average
-  update_norm: clu_metrics.Average
-  nonfinite: clu_metrics.Average  # fraction of steps with a NaN/inf loss or gradient
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  metrics: TrainMetrics         # the current logging window, checkpointed for exact resume
-  first_nonfinite: jax.Array    # first step in the window with a NaN/inf, or -1
-
-
-def _accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> clu_metrics.Accuracy:
-  correct = (jnp.argmax(logits, -1) == labels)
-  return clu_metrics.Accuracy(total=jnp.sum(correct & mask).astype(jnp.float32),
-                              count=jnp.sum(mask).astype(jnp.int32))
-
-
-def _variables(params, batch_stats) -> dict:
-  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
-
-
-def init_state(model, tx, image_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
-  variables = model.init({'params': rng, 'dropout': rng}, jnp.zeros((1, *image_shape)), train=False)
-  params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    metrics=TrainMetrics.empty(), first_nonfinite=-jnp.ones((), jnp.int32))
-
-
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-               model, tx, preprocess, skip_nonfinite: bool, start_block: int = 0) -> TrainState:
-  """One optimizer step; metrics accumulate into state.metrics (no host sync).
-
-  `start_block` > 0: `images` are cached features entering that backbone block.
-  """
-  step_key = jax.random.fold_in(key, state.step)
-  aug_key, dropout_key = jax.random.split(step_key)
-  x = preprocess(images, aug_key)
-
-  def loss_fn(params):
-    logits, updated = model.apply(_variables(params, state.batch_stats), x, train=True,
-                                  start_block=start_block, mutable=['batch_stats'],
-                                  rngs={'dropout': dropout_key})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, (logits, updated.get('batch_stats', {}))
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  stats = monitor.summarize(opt_state)
-  finite = jnp.isfinite(loss) & jnp.isfinite(stats['grad_norm'])
-  if skip_nonfinite:
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    params, batch_stats, opt_state = keep((params, batch_stats, opt_state),
-                                          (state.params, state.batch_stats, state.opt_state))
-  step = state.step + 1
-  metrics = TrainMetrics.empty().replace(
-      loss=_average(loss, finite), accuracy=_accuracy(logits, labels, jnp.broadcast_to(finite, labels.shape)),
-      nonfinite=_average((~finite).astype(jnp.float32), jnp.ones((), bool)),
-      **{k: _average(stats[k], finite) for k in
-         ('grad_norm', 'grad_norm_clipped', 'clip_fired', 'param_norm', 'update_norm')})
-  first = jnp.where((state.first_nonfinite < 0) & ~finite, step, state.first_nonfinite)
-  return state.replace(step=step, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                       metrics=state.metrics.merge(metrics), first_nonfinite=first)
-
-
-def eval_step(state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array, *,
-              model, preprocess, start_block: int = 0) -> dict[str, jax.Array]:
-  """Per-example masked loss and correctness, left sharded like the batch.
-
-  Summing on the host instead of in the step keeps eval free of device collectives
-  (on CPU with more fake devices than cores, XLA's in-process all-reduce can starve).
-  """
-  logits = model.apply(_variables(state.params, state.batch_stats), preprocess(images), train=False,
-                       start_block=start_block)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return {'loss': jnp.where(mask, loss, 0.0), 'correct': jnp.where(mask, correct, 0.0)}
+from normjax.data import pipeline
+from normjax.rundir import RunDir
 
 
 class _PreemptionFlag:
@@ -165,19 +64,6 @@ class _SkippedSteps:
     new = (window_steps - seen_steps, window_skipped - seen_skipped)
     self.steps, self.skipped = self.steps + new[0], self.skipped + new[1]
     return new
-
-
-def _summarize_run(records: list[dict]) -> dict[str, Any]:
-  """Figures from metrics.jsonl, so they survive resumes."""
-  train = [r for r in records if r['kind'] == 'train']
-  val = [r for r in records if r['kind'] == 'val']
-  return {
-      'final_val_accuracy': val[-1]['accuracy'] if val else None,
-      'best_val_accuracy': max((r['accuracy'] for r in val), default=None),
-      'epoch1_val_accuracy': val[0]['accuracy'] if val else None,
-      'grad_norm_first': train[0]['grad_norm'] if train else None,
-      'grad_norm_last': train[-1]['grad_norm'] if train else None,
-  }
 
 
 def _peak_memory() -> dict[str, int]:
@@ -230,67 +116,16 @@ class _Throughput:
     return images_left / max(rate, 1e-9) + evals_left * eval_seconds
 
 
+def _every(step: int, n: int) -> bool:
+  """Whether `step` is one of every n-th steps (the log, monitor and checkpoint intervals); n=0: never."""
+  return n > 0 and step % n == 0
+
+
 def _format_eta(seconds: float) -> str:
   seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else f'{seconds // 60}m{seconds % 60:02d}s'
-
-
-@dataclasses.dataclass(frozen=True)
-class Programs:
-  """The jitted programs of one config on one mesh (shared by the loop and the benchmarks)."""
-  model: Any
-  tx: Any
-  abstract_state: TrainState
-  shardings: Any
-  init: Callable[[jax.Array], TrainState]                   # rng -> state
-  train_step: Callable[..., TrainState]                      # (state, images, labels, rng) -> state; donates
-  eval_step: Callable[..., dict[str, jax.Array]]             # (state, images, labels, mask) -> per example
-  reset_window: Callable[[TrainState], TrainState]           # empties the logged metric window; donates
-
-
-def build_programs(config: ml_collections.ConfigDict, num_classes: int, image_shape: tuple[int, int, int],
-                   mean: tuple[float, ...], std: tuple[float, ...], steps_per_epoch: int,
-                   mesh: jax.sharding.Mesh) -> Programs:
-  """Model, optimizer and the train/eval steps jitted with the batch sharded over `mesh`.
-
-  With train.feature_cache set, the steps take the frozen prefix's cached output
-  (normjax.features) instead of uint8 images: no preprocessing, the backbone starts at the
-  first trainable block.
-  """
-  model = create_model(config, num_classes)
-  abstract_params = jax.eval_shape(
-      lambda r: model.init({'params': r, 'dropout': r}, jnp.zeros((1, *image_shape)), train=False),
-      jax.random.PRNGKey(0))['params']
-  tx = optim.make_optimizer(config, abstract_params, steps_per_epoch=steps_per_epoch)
-  init = functools.partial(init_state, model, tx, image_shape)
-  abstract_state = jax.eval_shape(init, jax.random.PRNGKey(0))
-  shardings = parallel.state_sharding(abstract_state, mesh)
-  data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
-  norm_stats = dict(mean=mean, std=std, image_size=image_shape[0])
-  if features.enabled(config):
-    start_block = features.first_trainable(config)
-    train_preprocess, eval_preprocess = (lambda x, _: x), (lambda x: x)
-  else:
-    start_block = 0
-    train_preprocess = functools.partial(augment.train_preprocess, padding=config.data.crop_padding,
-                                         augment=config.data.augment, **norm_stats)
-    eval_preprocess = functools.partial(augment.eval_preprocess, **norm_stats)
-  train_fn = functools.partial(train_step, model=model, tx=tx, preprocess=train_preprocess,
-                               skip_nonfinite=config.train.on_nonfinite == 'skip',
-                               start_block=start_block)
-  eval_fn = functools.partial(eval_step, model=model, preprocess=eval_preprocess,
-                              start_block=start_block)
-  return Programs(
-      model=model, tx=tx, abstract_state=abstract_state, shardings=shardings,
-      init=jax.jit(init, out_shardings=shardings),
-      train_step=jax.jit(train_fn, in_shardings=(shardings, data, data, repl), out_shardings=shardings,
-                         donate_argnums=0),
-      eval_step=jax.jit(eval_fn, in_shardings=(shardings, data, data, data), out_shardings=data),
-      reset_window=jax.jit(_reset_window, out_shardings=shardings, donate_argnums=0))
-
-
-def _reset_window(state: TrainState) -> TrainState:
-  return state.replace(metrics=TrainMetrics.empty(), first_nonfinite=-jnp.ones((), jnp.int32))
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -333,14 +168,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   size = config.data.image_size
   image_shape = (size, size, train_split.images.shape[-1])
 
-  programs = build_programs(config, splits.num_classes, image_shape, splits.mean, splits.std,
-                            steps_per_epoch, mesh)
+  programs = steps.build_programs(config, splits.num_classes, image_shape, splits.mean, splits.std,
+                                  steps_per_epoch, mesh)
   rng = jax.random.PRNGKey(config.seed)
   shardings = programs.shardings
   p_train_step, p_eval_step = programs.train_step, programs.eval_step
   lr_schedule = optim.learning_rate_schedule(config.optim.lr, config, steps_per_epoch)
 
-  manager = checkpoint.Checkpoints(workdir / 'checkpoints', keep=config.train.keep_checkpoints,
+  run = RunDir(workdir)
+  manager = checkpoint.Checkpoints(run.checkpoints, keep=config.train.keep_checkpoints,
                                    is_chief=is_chief)
   log = metrics_io.MetricsLog(workdir, enabled=is_chief)
   latest, state = manager.restore(programs.abstract_state, shardings)  # skips corrupt steps
@@ -351,7 +187,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     log.truncate_after(0)
   else:
     log.truncate_after(latest)
-    logging.info('resumed from %s/checkpoints at step %d', workdir, latest)
+    logging.info('resumed from %s at step %d', run.checkpoints, latest)
   skipped = _SkippedSteps(metrics_io.read_jsonl(log.path), latest or 0)
 
   val_split, test_split = splits.val, splits.test
@@ -388,11 +224,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       return
     window = jax.device_get(state.metrics.nonfinite)
     now, limit = int(state.step), config.train.max_skipped_fraction
-    steps, new = skipped.update(now, int(window.count), int(round(float(window.total))))
+    window_steps, new = skipped.update(now, int(window.count), int(round(float(window.total))))
     if new:
       logging.warning('step %d: %d of the last %d steps had a non-finite loss or gradient and were '
-                      'skipped; %d of %d so far (%.1f%%; train.max_skipped_fraction=%g)', now, new, steps,
-                      skipped.skipped, skipped.steps, 100 * skipped.skipped / skipped.steps, limit)
+                      'skipped; %d of %d so far (%.1f%%; train.max_skipped_fraction=%g)', now, new,
+                      window_steps, skipped.skipped, skipped.steps, 100 * skipped.skipped / skipped.steps,
+                      limit)
     if skipped.skipped > limit * skipped.steps:
       raise NonFiniteError(
           f'{skipped.skipped} of the {skipped.steps} steps so far had a non-finite loss or gradient '
@@ -409,55 +246,51 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   eval_seconds = None  # the last validation pass, for the ETA
   logging.info('compiling the train step: the first step includes compilation (minutes for '
                'MobileNetV2 at 224 px on CPU)')
+  batches = pipeline.train_batches(train_images, train_split.labels, batch_size, config.seed, rows,
+                                   start_step, total_steps)
   with _PreemptionFlag() as preemption:
-    while step < total_steps:
-      epoch = step // steps_per_epoch
-      order = pipeline.train_batch_indices(len(train_split.labels), batch_size, config.seed, epoch)
-      for i in range(step % steps_per_epoch, steps_per_epoch):
-        idx = order[i][rows]
-        batch = parallel.global_batch({'image': train_images(epoch)[idx], 'label': train_split.labels[idx]}, mesh)
-        state = p_train_step(state, batch['image'], batch['label'], rng)
-        step += 1
-        epoch_end = step % steps_per_epoch == 0
-        if step % config.train.log_every_steps == 0 or epoch_end or step == total_steps:
-          values = jax.device_get(state.metrics.compute())
-          check_finite()
-          ips = throughput.window(step)
-          values.update(lr=float(lr_schedule(step - 1)), images_per_sec=ips)
-          log.write('train', step, step / steps_per_epoch, values)
-          # Evaluations left: one per remaining epoch end, then the test set.
-          evals_left = total_steps // steps_per_epoch - step // steps_per_epoch + 1
-          eta = throughput.eta((total_steps - step) * batch_size, ips, evals_left, len(val_split),
-                               eval_seconds)
-          logging.info('step %d/%d (epoch %.2f) loss %.4f acc %.4f gnorm %.3g | %.0f img/s | ETA %s',
-                       step, total_steps, step / steps_per_epoch, values['loss'], values['accuracy'],
-                       values['grad_norm'], ips, _format_eta(eta))
-          state = programs.reset_window(state)
-        if config.train.monitor_every_steps and step % config.train.monitor_every_steps == 0:
-          with throughput.pause(state):
-            log.write('layers', step, step / steps_per_epoch,
-                      jax.device_get(monitor.summarize_layers(state.opt_state)))
-        if epoch_end:
-          with throughput.pause(state):
-            eval_start = time.time()
-            val = evaluate(val_split)
-            eval_seconds = time.time() - eval_start
-          log.write('val', step, step / steps_per_epoch, val)
-          logging.info('epoch %d: val loss %.4f acc %.4f', step // steps_per_epoch, val['loss'], val['accuracy'])
-        if preemption.signum is None and jax.process_count() > 1 and step % config.train.log_every_steps == 0:
-          preemption.signum = int(multihost_utils.process_allgather(np.int32(preemption.signum or 0)).max()) or None
-        if (step % config.train.checkpoint_every_steps == 0 or epoch_end or step == total_steps
-            or preemption.signum is not None):
-          with throughput.pause(state):
-            save(step)
-        if preemption.signum is not None:
-          manager.wait_until_finished()
-          raise Preempted(step, preemption.signum)
-        if step >= total_steps:
-          break
+    for step, batch in batches:
+      batch = parallel.global_batch(batch, mesh)
+      state = p_train_step(state, batch['image'], batch['label'], rng)
+      epoch, epoch_end = step / steps_per_epoch, step % steps_per_epoch == 0
+      if _every(step, config.train.log_every_steps) or epoch_end or step == total_steps:
+        values = jax.device_get(state.metrics.compute())
+        check_finite()
+        ips = throughput.window(step)
+        values.update(lr=float(lr_schedule(step - 1)), images_per_sec=ips)
+        log.write('train', step, epoch, values)
+        # Evaluations left: one per remaining epoch end, then the test set.
+        evals_left = total_steps // steps_per_epoch - step // steps_per_epoch + 1
+        eta = throughput.eta((total_steps - step) * batch_size, ips, evals_left, len(val_split),
+                             eval_seconds)
+        logging.info('step %d/%d (epoch %.2f) loss %.4f acc %.4f gnorm %.3g | %.0f img/s | ETA %s',
+                     step, total_steps, epoch, values['loss'], values['accuracy'],
+                     values['grad_norm'], ips, _format_eta(eta))
+        state = programs.reset_window(state)
+      if _every(step, config.train.monitor_every_steps):
+        with throughput.pause(state):
+          log.write('layers', step, epoch, jax.device_get(monitor.summarize_layers(state.opt_state)))
+      if epoch_end:
+        with throughput.pause(state):
+          eval_start = time.time()
+          val = evaluate(val_split)
+          eval_seconds = time.time() - eval_start
+        log.write('val', step, epoch, val)
+        logging.info('epoch %d: val loss %.4f acc %.4f', step // steps_per_epoch, val['loss'],
+                     val['accuracy'])
+      if preemption.signum is None and jax.process_count() > 1 and _every(step, config.train.log_every_steps):
+        signums = multihost_utils.process_allgather(np.int32(preemption.signum or 0))
+        preemption.signum = int(signums.max()) or None
+      if (_every(step, config.train.checkpoint_every_steps) or epoch_end or step == total_steps
+          or preemption.signum is not None):
+        with throughput.pause(state):
+          save(step)
+      if preemption.signum is not None:
+        manager.wait_until_finished()
+        raise Preempted(step, preemption.signum)
   manager.wait_until_finished()
 
-  summary_path = workdir / 'summary.json'
+  summary_path = run.summary
   if step == start_step and summary_path.exists():
     return metrics_io.read_json(summary_path)  # already finished: nothing to redo
   test = evaluate(test_split)
@@ -477,19 +310,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       **_peak_memory(),
   }
   if is_chief:
-    summary.update(_summarize_run(list(metrics_io.read_jsonl(log.path))))
+    summary.update(runs.record_stats(metrics_io.read_jsonl(log.path)))
     metrics_io.write_json_atomic(summary_path, summary)
   log.close()
   logging.info('test accuracy %.4f; summary in %s', test['accuracy'], summary_path)
   return summary
 
 
-# The newest readable checkpoint of a run as single-device arrays (normjax.pretrained and tests call it here).
-restore_latest = checkpoint.restore_latest
-
-
-def _load_pretrained(config: ml_collections.ConfigDict, state: TrainState, shardings) -> TrainState:
-  if config.model.name != 'mobilenet_v2' and not (pathlib.Path(config.model.pretrained) / 'checkpoints').is_dir():
+def _load_pretrained(config: ml_collections.ConfigDict, state: steps.TrainState,
+                     shardings) -> steps.TrainState:
+  if config.model.name != 'mobilenet_v2' and not RunDir(config.model.pretrained).checkpoints.is_dir():
     raise ConfigError(
         f'config.model.pretrained = {config.model.pretrained!r}: pretrained weights exist only for '
         f'model.name=mobilenet_v2, not {config.model.name!r}; use pretrained=none or a normjax workdir')

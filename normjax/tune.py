@@ -6,11 +6,11 @@ r"""Hyperparameter search: Optuna with Hyperband pruning over the seed's MNIST C
 The seed searched with Keras Tuner's Hyperband (max_epochs=7, factor=3) over 2-5 convs (32-256
 filters, kernel 3 or 5), 2-5 dense layers (32-256 units), dropout 0-0.5 step 0.1 and LR 1e-4,
 5e-4 or 1e-3. Here each trial samples that space (`SEED_SPACE`: filters, kernel and units per
-layer, filters and units in steps of 32, one dropout rate after every dense layer), builds a `tunable_cnn` config
-from the `--config` file (models/tunable_cnn.py), and trains it with normjax.train in its own
-run directory WORKDIR/trial_<k>, one epoch at a time: train_and_evaluate with train.num_epochs =
-1, 2, ... resumes from the previous epoch's checkpoint, and after each epoch the val accuracy
-from metrics.jsonl is reported to Optuna, whose
+layer, filters and units in steps of 32, one dropout rate after every dense layer), builds a
+`tunable_cnn` config from the `--config` file (models/tunable_cnn.py), and trains it with
+normjax.train in its own run directory WORKDIR/trial_<k>, one epoch at a time:
+train_and_evaluate with train.num_epochs = 1, 2, ... resumes from the previous epoch's
+checkpoint, and after each epoch the val accuracy from metrics.jsonl is reported to Optuna, whose
 HyperbandPruner(min_resource=1, max_resource=7, reduction_factor=3) may stop the trial there
 (it is not asked after the last epoch, when the trial is done anyway).
 (Optuna's Hyperband runs its successive-halving brackets asynchronously, trial by trial, where
@@ -48,8 +48,9 @@ from matplotlib.ticker import MaxNLocator
 import ml_collections
 import optuna
 
-from normjax import checkpoint, config_schema, errors, metrics_io, report, train
+from normjax import checkpoint, config_schema, errors, metrics_io, runs, train
 from normjax.models import tunable_cnn
+from normjax.rundir import RunDir
 
 TrialState = optuna.trial.TrialState
 STUDY_NAME = 'normjax_tune'
@@ -144,11 +145,11 @@ def epoch_val_accuracy(run_dir: pathlib.Path) -> dict[int, float]:
   A val record newer than the last checkpoint (a kill between the two) is left out: the next
   train_and_evaluate call drops it and trains that epoch again.
   """
-  steps = [int(p.name) for p in (run_dir / 'checkpoints').glob('*') if p.name.isdigit()]
+  steps = [int(p.name) for p in RunDir(run_dir).checkpoints.glob('*') if p.name.isdigit()]
   if not steps:
     return {}
   latest = max(steps)
-  return {int(round(r['epoch'])): r['accuracy'] for r in metrics_io.read_jsonl(run_dir / 'metrics.jsonl')
+  return {int(round(r['epoch'])): r['accuracy'] for r in metrics_io.read_jsonl(RunDir(run_dir).metrics)
           if r['kind'] == 'val' and r['step'] <= latest}
 
 
@@ -230,7 +231,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: ml_collections.C
     trial.report(accuracy, epoch)
     print(f'{tag} trial {trial.number} epoch {epoch}/{max_epochs}: val {accuracy:.4f} | '
           f'best so far {_best_text(study, best, trial.number)} | '
-          f'{report.fmt_duration(time.time() - t0)}', flush=True)
+          f'{runs.fmt_duration(time.time() - t0)}', flush=True)
     # After the last epoch the trial is done: pruning it then would only mislabel it.
     if epoch < max_epochs and trial.should_prune():
       study.tell(trial, state=TrialState.PRUNED)
@@ -241,7 +242,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: ml_collections.C
                              'set it to 0')
   study.tell(trial, best)
   print(f'{tag} trial {trial.number}: complete, best val {best:.4f} in '
-        f'{report.fmt_duration(time.time() - t0)}', flush=True)
+        f'{runs.fmt_duration(time.time() - t0)}', flush=True)
 
 
 def _check_same_search(study: optuna.Study, config: ml_collections.ConfigDict, max_epochs: int) -> None:
@@ -303,7 +304,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str | os.PathLike, tr
     finally:
       write_outputs(study, workdir)
   best = _best(study)
-  print(f'tune: {trials} trials in {report.fmt_duration(time.time() - t0)} (this run); best val '
+  print(f'tune: {trials} trials in {runs.fmt_duration(time.time() - t0)} (this run); best val '
         f'{_best_text(study)}; {workdir / TABLE_NAME}, {workdir / PLOT_NAME}', flush=True)
   if best is not None:
     print(f'tune: best params {_params_text(best)}', flush=True)
@@ -321,7 +322,7 @@ def _arch(t: optuna.trial.FrozenTrial) -> tuple[str, str]:
 def _duration(t: optuna.trial.FrozenTrial) -> str:
   if t.datetime_start is None or t.datetime_complete is None:
     return '-'
-  return report.fmt_duration((t.datetime_complete - t.datetime_start).total_seconds())
+  return runs.fmt_duration((t.datetime_complete - t.datetime_start).total_seconds())
 
 
 def table_markdown(study: optuna.Study) -> str:
@@ -329,7 +330,8 @@ def table_markdown(study: optuna.Study) -> str:
   trials = study.get_trials(deepcopy=False)
   reruns = {t.user_attrs['retry_of']: t.number for t in trials if 'retry_of' in t.user_attrs}
   best = _best(study)
-  counts = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
+  counts = {s.name: sum(t.state == s for t in trials) for s in TrialState
+            if any(t.state == s for t in trials)}
   lines = [
       '# normjax.tune: Optuna + HyperbandPruner on the seed\'s MNIST CNN space', '',
       f'Trials: {", ".join(f"{v} {k.lower()}" for k, v in counts.items()) or "none"}. '
@@ -337,7 +339,8 @@ def table_markdown(study: optuna.Study) -> str:
       + (f' Best params: `{_params_text(best)}`.' if best else ''), '',
       'Val accuracy: the best epoch\'s (a pruned trial: up to its pruning). Conv layers are '
       '`<filters>x<kernel>`.', '',
-      '| trial | state | epochs | val accuracy | last val | conv layers | dense units | dropout | lr | time | note |',
+      '| trial | state | epochs | val accuracy | last val | conv layers | dense units | dropout | lr | time '
+      '| note |',
       '|---:|---|---:|---:|---:|---|---|---:|---:|---:|---|',
   ]
   for t in trials:

@@ -23,7 +23,7 @@ ALLOWED = {
     'bn_scratch': _SCRATCH, 'nf_agc_scratch': _SCRATCH,
     'smoke': ('quick',), 'lightcnn_fmnist': ('quick',), 'lightcnn_mnist': ('quick',),
     'mnist_mlp': ('quick',), 'mnist_lenet': ('quick',), 'mnist_medium_light': ('quick',),
-    'mnist_ultra_light': ('quick',), 'cnn_mnist': ('quick',), 'tune_mnist': ('quick',),
+    'mnist_ultra_light': ('quick',), 'cnn_mnist': ('quick',),
 }
 
 

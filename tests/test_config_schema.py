@@ -122,3 +122,20 @@ def test_older_config_json_is_upgraded_with_what_older_runs_did():
   # A run made before head_init existed had flax's init: resuming it as torch init is refused.
   del saved['model']['head_init']
   assert checkpoint.config_diffs(saved, config) == ["model.head_init: 'flax' -> 'torch'"]
+
+
+def test_registries_are_the_single_source_of_names():
+  import subprocess
+  import sys
+  from normjax import registry
+  from normjax.data import pipeline
+  from normjax.models import factory, norms
+  assert tuple(factory.BACKBONES) == registry.MODELS
+  assert tuple(pipeline.DATASETS) == registry.DATASETS
+  assert set(registry.HEAD_NORMS) == set(registry.NORMS) and set(registry.BACKBONE_NORMS) < set(registry.NORMS)
+  for name in registry.NORMS:
+    norms.make_norm(name, train=False)  # every registered norm is built
+  # The schema checks a config without importing JAX (the registry is plain tuples).
+  code = 'import sys, normjax.config_schema; print("jax" in sys.modules)'
+  assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        check=True).stdout.strip() == 'False'

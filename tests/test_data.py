@@ -669,3 +669,22 @@ def test_save_data_views_writes_both_pngs(tmp_path):
     assert height > 200 and width > 300
   grey = pipeline.ArraySplit(split.images[..., :1], labels)
   assert all(p.is_file() for p in views.save_data_views(grey, ('a', 'b', 'c'), tmp_path / 'grey'))
+
+
+def test_train_batches_cross_epochs_and_resume_at_any_step():
+  labels = np.arange(10, dtype=np.int32)
+  images = lambda epoch: labels * 10 + epoch  # the epoch's variant (the feature cache's case)
+  run = lambda start: list(pipeline.train_batches(images, labels, 4, 3, slice(1, 3), start, 5))
+  full = run(0)
+  assert [step for step, _ in full] == [1, 2, 3, 4, 5]  # 2 steps per epoch; stops mid-epoch 2
+  for step, batch in full:
+    epoch = (step - 1) // 2
+    idx = pipeline.train_batch_indices(10, 4, 3, epoch)[(step - 1) % 2][1:3]  # this host's rows
+    np.testing.assert_array_equal(batch['label'], labels[idx])
+    np.testing.assert_array_equal(batch['image'], labels[idx] * 10 + epoch)
+  for start in range(6):  # a resume from the checkpoint at `start` sees exactly the rest
+    resumed = run(start)
+    assert [s for s, _ in resumed] == [s for s, _ in full[start:]]
+    for (_, a), (_, b) in zip(resumed, full[start:]):
+      np.testing.assert_array_equal(a['label'], b['label'])
+      np.testing.assert_array_equal(a['image'], b['image'])

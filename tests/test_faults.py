@@ -27,6 +27,7 @@ import pytest
 from configs import smoke
 from normjax import checkpoint, errors, metrics_io, train
 from normjax.data import pipeline
+from normjax.rundir import RunDir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = {'images_per_sec'}
@@ -108,7 +109,7 @@ def test_second_run_on_a_held_workdir_is_refused_naming_the_holder(prepared, tmp
   assert 'Traceback' not in second.stderr
   [line] = error_lines(second.stderr)
   assert f'{workdir} is in use by another run (pid {os.getpid()} on host {socket.gethostname()}, started ' in line
-  assert sorted(p.name for p in workdir.iterdir()) == [checkpoint.LOCK_NAME]  # the refused runs wrote nothing
+  assert sorted(p.name for p in workdir.iterdir()) == [RunDir.LOCK]  # the refused runs wrote nothing
 
 
 def test_lock_of_a_killed_run_is_taken_over_with_a_warning(config, tmp_path, caplog):
@@ -128,7 +129,7 @@ def test_lock_of_a_killed_run_is_taken_over_with_a_warning(config, tmp_path, cap
   assert train.train_and_evaluate(config, str(tmp_path))['steps'] == 2
   assert any('taking over the lock of a run that is no longer running' in r.getMessage()
              and f'pid {holder.pid} on host' in r.getMessage() for r in caplog.records)
-  assert (tmp_path / checkpoint.LOCK_NAME).read_text() == ''  # released, naming no holder
+  assert (tmp_path / RunDir.LOCK).read_text() == ''  # released, naming no holder
 
 
 # 2. A full disk.
@@ -162,11 +163,11 @@ def test_failed_save_stops_at_once_without_litter_and_the_rerun_resumes(config, 
       assert len(str(e.value).splitlines()) == 1
       assert max(r['step'] for r in records(workdir)) == 8  # no step after the failed save
       assert litter(workdir) == []
-      assert (workdir / checkpoint.LOCK_NAME).read_text() == ''
+      assert (workdir / RunDir.LOCK).read_text() == ''
   summary = train.train_and_evaluate(config, str(workdir))  # space again: resumes from step 4
   assert summary['steps'] == 10
   assert strip_timing(records(workdir)) == strip_timing(records(tmp_path / 'straight'))
-  for a, b in zip(leaves(train.restore_latest(workdir)[1]), leaves(train.restore_latest(tmp_path / 'straight')[1])):
+  for a, b in zip(leaves(checkpoint.restore_latest(workdir)[1]), leaves(checkpoint.restore_latest(tmp_path / 'straight')[1])):
     np.testing.assert_array_equal(a, b)
 
 
@@ -432,14 +433,16 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_p
   array_file = max((f for f in step_dir.rglob('*') if f.is_file() and f.parent.name == 'd'),
                    key=lambda f: f.stat().st_size)
   data = bytearray(array_file.read_bytes())
-  data[len(data) // 3:len(data) // 3 + 4096] = bytes(4096)  # zeroed bytes in one array file
+  # Flip the bits of the file's middle third: zeroing could hit bytes that are already zero.
+  third = len(data) // 3
+  data[third:2 * third] = bytes(b ^ 0xFF for b in data[third:2 * third])
   array_file.write_bytes(bytes(data))
   corrupt = {str(f.relative_to(step_dir)): f.read_bytes() for f in step_dir.rglob('*') if f.is_file()}
 
   unraisable = []
   monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
   caplog.set_level(logging.INFO)
-  assert train.restore_latest(tmp_path / 'run')[0] == 4 and step_dir.is_dir()  # a reader moves nothing
+  assert checkpoint.restore_latest(tmp_path / 'run')[0] == 4 and step_dir.is_dir()  # a reader moves nothing
   capfd.readouterr()
   config.train.max_steps = 10
   summary = train.train_and_evaluate(config, str(tmp_path / 'run'))

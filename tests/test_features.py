@@ -1,5 +1,4 @@
 """The frozen-feature cache: exact equivalence with online training, resume, keys, disk, lock."""
-import errno
 import json
 import pathlib
 import shutil
@@ -9,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from normjax import errors, features, train
+from normjax import checkpoint, errors, features, train
 from normjax.data import pipeline
 from configs import base
 
@@ -38,7 +37,7 @@ def _config(tmp_path: pathlib.Path, **overrides):
 
 
 def _params(workdir: pathlib.Path):
-  return train.restore_latest(workdir)[1]
+  return checkpoint.restore_latest(workdir)[1]
 
 
 def test_cached_training_equals_online_training(tmp_path, shared_data_dir, tfds_dir):

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from normjax import grad_quantities, monitor, optim, parallel, train
+from normjax import grad_quantities, monitor, optim, parallel, steps
 from normjax.models.factory import create_model
 from configs import base
 
@@ -55,7 +55,7 @@ def test_trainable_global_l2_is_what_training_logs(setup):
   config, variables, x, y = setup
   config = config.copy_and_resolve_references()
   config.data.augment = False  # then the train step's input is exactly x / 255 (mean 0, std 1)
-  programs = train.build_programs(config, 10, (32, 32, 3), (0.0,) * 3, (1.0,) * 3, 10,
+  programs = steps.build_programs(config, 10, (32, 32, 3), (0.0,) * 3, (1.0,) * 3, 10,
                                   parallel.make_mesh())
   state = programs.init(jax.random.key(0))
   copy = lambda tree: jax.tree.map(np.array, tree)  # the step donates its state

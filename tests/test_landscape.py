@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from normjax import landscape, optim, train
+from normjax import checkpoint, landscape, optim, steps, train
 from normjax.data import augment, pipeline
+from normjax.rundir import RunDir
 from normjax.models.factory import create_model
 
 EXAMPLES = 96
@@ -56,7 +57,7 @@ def loaded(run_dir):
 def independent(run_dir):
   """The run's model, weights and first val examples, rebuilt without normjax.landscape."""
   config = ml_collections.ConfigDict(json.loads((run_dir / 'config.json').read_text()))
-  _, restored = train.restore_latest(run_dir)
+  _, restored = checkpoint.restore_latest(run_dir)
   params, batch_stats = jax.device_get(restored['params']), jax.device_get(restored['batch_stats'])
   splits = pipeline.load_splits(config.data, config.seed)
   images, labels = splits.val.images[:EXAMPLES], splits.val.labels[:EXAMPLES]
@@ -110,7 +111,7 @@ def test_centre_equals_train_eval_step_on_the_same_examples(run_dir, loaded, ind
   preprocess = functools.partial(augment.eval_preprocess, image_size=28,
                                  mean=pipeline.FASHION_MNIST_MEAN, std=pipeline.FASHION_MNIST_STD)
   state = types.SimpleNamespace(params=params, batch_stats=batch_stats)
-  out = train.eval_step(state, images, labels, np.ones(len(labels), bool), model=model,
+  out = steps.eval_step(state, images, labels, np.ones(len(labels), bool), model=model,
                         preprocess=preprocess)
   assert surface.xs[2] == 0.0
   assert abs(surface.loss[2] - float(np.sum(out['loss'])) / EXAMPLES) <= 1e-5
@@ -341,7 +342,7 @@ def test_cached_run_is_evaluated_from_its_feature_cache(tmp_path, shared_data_di
   kwargs = dict(dims=1, points=3, span=0.5, examples=48, plot=False, log=None)
   a, _ = landscape.run_landscape(tmp_path / 'run', run=cached, **kwargs)
   import shutil
-  shutil.rmtree(tmp_path / 'run' / landscape.LANDSCAPE_DIR)
+  shutil.rmtree(RunDir(tmp_path / 'run').landscape)
   b, _ = landscape.run_landscape(tmp_path / 'run', run=online, **kwargs)
   np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
   np.testing.assert_array_equal(a.accuracy, b.accuracy)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from configs import base, smoke
-from normjax import monitor, optim, train
+from normjax import monitor, optim, steps
 from normjax.models.factory import create_model
 
 
@@ -78,11 +78,11 @@ def test_eval_step_runs_the_model_without_dropout():
   config.model.head = 'linear'
   config.model.dropout = 0.5
   model = create_model(config, 10)
-  state = train.init_state(model, optax.sgd(0.1), (28, 28, 1), jax.random.PRNGKey(0))
+  state = steps.init_state(model, optax.sgd(0.1), (28, 28, 1), jax.random.PRNGKey(0))
   images = jax.random.normal(jax.random.PRNGKey(1), (16, 28, 28, 1))
   labels = jnp.arange(16) % 10
   mask = jnp.ones(16, bool)
-  out = train.eval_step(state, images, labels, mask, model=model, preprocess=lambda x: x)
+  out = steps.eval_step(state, images, labels, mask, model=model, preprocess=lambda x: x)
   logits = model.apply({'params': state.params}, images, train=False)
   np.testing.assert_allclose(out['loss'], optax.softmax_cross_entropy_with_integer_labels(logits, labels),
                              rtol=1e-5)

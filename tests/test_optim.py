@@ -299,3 +299,12 @@ def test_weight_decay_follows_torch(name, torch_cls):
     w.grad = torch.from_numpy(g)
     opt.step()
   np.testing.assert_allclose(p['head']['out']['kernel'], w.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_block_naming_and_first_trainable_have_one_rule():
+  from normjax.models import common
+  assert common.block_name(18) == 'features_18' and common.block_index('features_18') == 18
+  assert common.block_index('stem') is None and common.block_index('features_1/conv_0') is None
+  assert [common.first_trainable(19, k) for k in (-1, 0, 1, 19)] == [0, 19, 18, 0]
+  with pytest.raises(ValueError, match=r'optim.trainable_blocks must be -1 .* 1\.\.3 .* got 4'):
+    common.first_trainable(3, 4)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from normjax import train
+from normjax import checkpoint
 
 # LightCNN with a BatchNorm MLP head: BN statistics must be over the global batch, across devices.
 OVERRIDES = ['--config.model.head=mlp', '--config.model.head_norm=bn', '--config.model.head_hidden=32',
@@ -34,7 +34,7 @@ def _run(workdir, tfds_dir, data_dir, devices: int, extra=(), wait=True):
 
 
 def _final(workdir):
-  _, restored = train.restore_latest(workdir)
+  _, restored = checkpoint.restore_latest(workdir)
   return {k: [np.asarray(x) for x in jax.tree.leaves(restored[k])] for k in ('params', 'batch_stats')}
 
 

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from normjax import config_schema, report
+from normjax import config_schema, report, runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -287,7 +287,7 @@ def test_layer_blocks_in_depth_order_and_combined(tmp_path):
   write_run(tmp_path / 'r', layer_blocks=blocks, agc=True,
             overrides={'optim.clip': 'agc', 'model.name': 'nf_mobilenet_v2',
                        'model.norm': 'none'})
-  run, = report.find_runs(tmp_path)
+  run, = runs.find_runs(tmp_path)
   per_block = report.block_values(run, 'grad_norm')
   assert list(per_block) == ['backbone/features_2', 'backbone/features_10', 'head/fc1',
                              'head/out']

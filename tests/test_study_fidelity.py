@@ -14,11 +14,10 @@ import optax
 import pytest
 import torch
 
-from normjax import optim, parallel, pretrained, train
+from normjax import parallel, pretrained, steps
 from normjax.models import heads, norms
 from normjax.models.classifier import Classifier
 from normjax.models.mobilenet_v2 import MobileNetV2Features
-from configs import base
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from torch_reference import MobileNetV2 as TorchMobileNetV2  # noqa: E402
@@ -197,8 +196,9 @@ def test_a_study_config_trains_through_train_step(config_file):
   config = config_schema.load_config(config_file)
   config.model.pretrained = 'none'
   config.train.monitor_every_steps = 0
+  config.train.feature_cache = ''  # images in: the whole online step (the cached one: test_features.py)
   mesh = parallel.make_mesh()
-  programs = train.build_programs(config, 10, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, 10, mesh)
+  programs = steps.build_programs(config, 10, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, 10, mesh)
   state = programs.init(jax.random.key(0))
   before = jax.device_get(state)
   rng = np.random.default_rng(0)

@@ -151,3 +151,11 @@ def test_config_stem():
   assert config_schema.config_stem('configs/bn_clip.py') == 'bn_clip'
   assert config_schema.config_stem('configs/bn_clip.py:quick') == 'bn_clip-quick'
   assert config_schema.config_stem('configs/nf_agc_scratch.py:cpu,batch=8,lambda=0.01') == 'nf_agc_scratch-cpu-batch8-lambda0.01'
+
+
+def test_sweep_imports_no_matplotlib():
+  import subprocess
+  import sys
+  code = 'import sys, normjax.sweep; print("matplotlib" in sys.modules)'
+  assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        check=True).stdout.strip() == 'False'  # report (figures) only with --report

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from normjax import errors, metrics_io, train
+from normjax import checkpoint, errors, metrics_io, train
 
 TIMING_KEYS = {'images_per_sec'}
 
@@ -35,7 +35,7 @@ def records(workdir, kind=None):
 
 
 def latest_params(workdir):
-  step, restored = train.restore_latest(workdir)
+  step, restored = checkpoint.restore_latest(workdir)
   return step, restored['params']
 
 
@@ -242,11 +242,11 @@ def test_tensorboard_events_mirror_metrics_jsonl(config, tmp_path):
 def test_self_pretrained_backbone_from_a_normjax_workdir(config, tmp_path):
   config.train.max_steps = 6
   train.train_and_evaluate(config, str(tmp_path / 'source'))
-  _, source = train.restore_latest(tmp_path / 'source')
+  _, source = checkpoint.restore_latest(tmp_path / 'source')
   config.model.pretrained = str(tmp_path / 'source')
   config.optim.trainable_blocks = 0  # frozen backbone: it must stay exactly the source's
   train.train_and_evaluate(config, str(tmp_path / 'finetune'))
-  _, tuned = train.restore_latest(tmp_path / 'finetune')
+  _, tuned = checkpoint.restore_latest(tmp_path / 'finetune')
   for a, b in zip(_leaves(source['params']['backbone']), _leaves(tuned['params']['backbone'])):
     np.testing.assert_array_equal(a, b)
   assert any(np.any(a != b) for a, b in zip(_leaves(source['params']['head']), _leaves(tuned['params']['head'])))

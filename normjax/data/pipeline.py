@@ -50,7 +50,7 @@ class _Dataset:
   std: tuple[float, ...]
 
 
-# data.name -> how to get it.
+# data.name -> how to get it; the names are normjax.registry.DATASETS (tests/test_config_schema.py checks).
 DATASETS = {
     'cifar10': _Dataset('cifar10_pickle', LOCAL_OR_DOWNLOAD, 'cifar10_jpeg', CIFAR10_MEAN,
                         CIFAR10_STD),
@@ -307,6 +307,27 @@ def train_batch_indices(n: int, global_batch: int, seed: int, epoch: int) -> np.
   steps = steps_per_epoch(n, global_batch)
   order = np.random.default_rng([seed, _EPOCH_STREAM, epoch]).permutation(n)
   return order[:steps * global_batch].reshape(steps, global_batch)
+
+
+def train_batches(images: Callable[[int], np.ndarray], labels: np.ndarray, global_batch: int, seed: int,
+                  rows: slice, start_step: int, total_steps: int
+                  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+  """Yields (step, this host's batch) for steps start_step + 1 .. total_steps, across epochs.
+
+  `step` is the global step the batch completes (1-based), so a run resumed from the
+  checkpoint at step k continues with exactly the batch step k + 1 would have seen. The
+  images of epoch e are `images(e)` (the feature cache has a variant per epoch).
+  """
+  n = len(labels)
+  per_epoch = steps_per_epoch(n, global_batch)
+  step = start_step
+  while step < total_steps:
+    epoch = step // per_epoch
+    order, epoch_images = train_batch_indices(n, global_batch, seed, epoch), images(epoch)
+    for i in range(step % per_epoch, min(per_epoch, total_steps - epoch * per_epoch)):
+      idx = order[i][rows]
+      step += 1
+      yield step, {'image': epoch_images[idx], 'label': labels[idx]}
 
 
 def local_rows(global_batch: int, process_index: int, process_count: int) -> slice:

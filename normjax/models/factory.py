@@ -1,6 +1,8 @@
 """`create_model(config, num_classes)`: every normjax network, chosen by `config.model`."""
 import functools
+from typing import Any, Callable
 
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
@@ -13,36 +15,43 @@ from normjax.models.norms import make_norm
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
+# (config.model, trainable_blocks, dtype) -> backbone.
+BackboneBuilder = Callable[[ml_collections.ConfigDict, int, Any], nn.Module]
+
 
 def _norm_factory(name: str, model_cfg: ml_collections.ConfigDict, dtype):
   return functools.partial(make_norm, name, dtype=dtype, gn_groups=model_cfg.gn_groups,
                            frn_learned_eps=model_cfg.frn_learned_eps, frn_dense=model_cfg.frn_dense)
 
 
+def _seed_cnn(name: str) -> BackboneBuilder:
+  return lambda m, trainable, dtype: seed_cnns.MODELS[name](trainable_blocks=trainable, dtype=dtype)
+
+
+# model.name -> its backbone, in normjax.registry.MODELS's order (tests/test_config_schema.py checks).
+BACKBONES: dict[str, BackboneBuilder] = {
+    'lightcnn': lambda m, trainable, dtype: LightCNN(trainable_blocks=trainable, dtype=dtype),
+    'mobilenet_v2': lambda m, trainable, dtype: MobileNetV2Features(
+        norm=_norm_factory(m.norm, m, dtype), width_mult=m.width_mult, cifar_stem=m.cifar_stem,
+        trainable_blocks=trainable, frozen_bn=m.frozen_bn, dtype=dtype),
+    'nf_mobilenet_v2': lambda m, trainable, dtype: NFMobileNetV2Features(
+        width_mult=m.width_mult, cifar_stem=m.cifar_stem, trainable_blocks=trainable, dtype=dtype),
+    **{name: _seed_cnn(name) for name in seed_cnns.MODELS},
+    'tunable_cnn': lambda m, trainable, dtype: tunable_cnn.from_config(m, trainable_blocks=trainable,
+                                                                       dtype=dtype),
+}
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Classifier:
   """Backbone + head from config.model; frozen blocks from config.optim.trainable_blocks."""
   m = config.model
   dtype = DTYPES[m.dtype]
-  trainable = config.optim.trainable_blocks
-  if m.name == 'lightcnn':
-    backbone = LightCNN(trainable_blocks=trainable, dtype=dtype)
-  elif m.name == 'mobilenet_v2':
-    backbone = MobileNetV2Features(norm=_norm_factory(m.norm, m, dtype), width_mult=m.width_mult,
-                                   cifar_stem=m.cifar_stem, trainable_blocks=trainable,
-                                   frozen_bn=m.frozen_bn, dtype=dtype)
-  elif m.name == 'nf_mobilenet_v2':
-    backbone = NFMobileNetV2Features(width_mult=m.width_mult, cifar_stem=m.cifar_stem,
-                                     trainable_blocks=trainable, dtype=dtype)
-  elif m.name in seed_cnns.MODELS:
-    backbone = seed_cnns.MODELS[m.name](trainable_blocks=trainable, dtype=dtype)
-  elif m.name == 'tunable_cnn':
-    backbone = tunable_cnn.from_config(m, trainable_blocks=trainable, dtype=dtype)
-  else:
-    raise ValueError(f'config.model.name = {m.name!r}; allowed: lightcnn, mobilenet_v2, nf_mobilenet_v2, '
-                     f'{", ".join(seed_cnns.MODELS)}, tunable_cnn')
+  if m.name not in BACKBONES:
+    raise ValueError(f'config.model.name = {m.name!r}; allowed: {", ".join(BACKBONES)}')
+  backbone = BACKBONES[m.name](m, config.optim.trainable_blocks, dtype)
   if m.head == 'mlp':
     head = heads.MLPHead(num_classes, norm=_norm_factory(m.head_norm, m, dtype), hidden=m.head_hidden,
-                         dropout=m.dropout, init=m.head_init, dtype=dtype)
+                         dropout=m.dropout, init_style=m.head_init, dtype=dtype)
   else:
-    head = heads.LinearHead(num_classes, dropout=m.dropout, init=m.head_init, dtype=dtype)
+    head = heads.LinearHead(num_classes, dropout=m.dropout, init_style=m.head_init, dtype=dtype)
   return Classifier(backbone=backbone, head=head)

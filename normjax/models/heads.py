@@ -9,9 +9,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from normjax import registry
+
 ModuleDef = Callable[..., nn.Module]
 NormFactory = Callable[..., ModuleDef]  # norm(train=...) -> ModuleDef, e.g. partial(make_norm, 'bn')
-HEAD_INITS = ('torch', 'flax')
 
 
 def dense(features: int, fan_in: int, init: str, dtype: Any, name: str) -> nn.Dense:
@@ -24,7 +25,7 @@ def dense(features: int, fan_in: int, init: str, dtype: Any, name: str) -> nn.De
   if init == 'flax':
     return nn.Dense(features, dtype=dtype, name=name)
   if init != 'torch':
-    raise ValueError(f'model.head_init = {init!r}; allowed: {", ".join(HEAD_INITS)}')
+    raise ValueError(f'model.head_init = {init!r}; allowed: {", ".join(registry.HEAD_INITS)}')
   bound = 1.0 / fan_in ** 0.5
 
   def uniform(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
@@ -39,26 +40,26 @@ class MLPHead(nn.Module):
   norm: NormFactory
   hidden: int = 256  # study: FC(1280->256)
   dropout: float = 0.5
-  init: str = 'torch'  # the study's heads were torch nn.Linear layers
+  init_style: str = 'torch'  # the study's heads were torch nn.Linear layers
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    x = dense(self.hidden, x.shape[-1], self.init, self.dtype, 'fc1')(x)
+    x = dense(self.hidden, x.shape[-1], self.init_style, self.dtype, 'fc1')(x)
     x = self.norm(train=train)(name='norm')(x)
     x = nn.relu(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return dense(self.num_classes, self.hidden, self.init, self.dtype, 'out')(x)
+    return dense(self.num_classes, self.hidden, self.init_style, self.dtype, 'out')(x)
 
 
 class LinearHead(nn.Module):
   """torchvision's classifier: Dropout -> Linear (`classifier.1` is `out` here)."""
   num_classes: int
   dropout: float = 0.2  # torchvision mobilenet_v2: nn.Dropout(p=0.2)
-  init: str = 'torch'
+  init_style: str = 'torch'  # not `init`: that name is flax's Module.init
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return dense(self.num_classes, x.shape[-1], self.init, self.dtype, 'out')(x)
+    return dense(self.num_classes, x.shape[-1], self.init_style, self.dtype, 'out')(x)

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from normjax.models import common
+
 CHANNELS = (8, 16, 32)  # study section 4
 
 
@@ -19,11 +21,11 @@ class LightCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     del train  # no train-dependent layers
-    first_trainable = 0 if self.trainable_blocks < 0 else len(CHANNELS) - self.trainable_blocks
+    first_trainable = common.first_trainable(len(CHANNELS), self.trainable_blocks)
     x = x.astype(self.dtype)
     for i, channels in enumerate(CHANNELS):
       x = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                  name=f'features_{i}')(x)
+                  name=common.block_name(i))(x)
       x = nn.relu(x)
       if i < len(CHANNELS) - 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))

@@ -13,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from normjax import registry
 from normjax.errors import ConfigError
+from normjax.models import common
 from normjax.models.classifier import Classifier
 from normjax.models.depthwise import DepthwiseConv
 from normjax.models.heads import LinearHead, NormFactory
@@ -32,7 +34,6 @@ INVERTED_RESIDUAL_SETTINGS = (
 STEM_CHANNELS = 32  # torchvision: input_channel = 32
 LAST_CHANNELS = 1280  # torchvision: last_channel = 1280
 NUM_BLOCKS = 19  # torchvision features.0 .. features.18
-FROZEN_BN_MODES = ('eval', 'train')
 # torchvision: nn.init.kaiming_normal_(conv.weight, mode="fan_out") (untruncated normal).
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -154,14 +155,6 @@ def has_residual(spec: BlockSpec) -> bool:
   return spec.stride == 1 and spec.in_channels == spec.out_channels
 
 
-def first_trainable_block(trainable_blocks: int) -> int:
-  """Index of the first of `features_0..18` that trains (-1: all, 0: none, k: the last k)."""
-  if not -1 <= trainable_blocks <= NUM_BLOCKS:
-    raise ConfigError(f'optim.trainable_blocks must be -1 (all), 0 (none) or 1..{NUM_BLOCKS}, '
-                     f'got {trainable_blocks}')
-  return 0 if trainable_blocks == -1 else NUM_BLOCKS - trainable_blocks
-
-
 class MobileNetV2Features(nn.Module):
   """torchvision's `MobileNetV2.features`: returns the NHWC map after features_18 (no pooling).
 
@@ -186,19 +179,20 @@ class MobileNetV2Features(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool, start: int = 0,
                stop: int = NUM_BLOCKS) -> jnp.ndarray:
-    first = first_trainable_block(self.trainable_blocks)
-    if self.frozen_bn not in FROZEN_BN_MODES:
-      raise ConfigError(f'model.frozen_bn = {self.frozen_bn!r}; allowed: {", ".join(FROZEN_BN_MODES)}')
+    first = common.first_trainable(NUM_BLOCKS, self.trainable_blocks)
+    if self.frozen_bn not in registry.FROZEN_BN_MODES:
+      raise ConfigError(f'model.frozen_bn = {self.frozen_bn!r}; '
+                        f'allowed: {", ".join(registry.FROZEN_BN_MODES)}')
     norm = lambda i: self.norm(train=train and (i >= first or self.frozen_bn == 'train'))
     last = NUM_BLOCKS - 1
     blocks = [ConvNormAct(make_divisible(STEM_CHANNELS * self.width_mult), 3, norm(0),
                           strides=stem_stride(self.cifar_stem), dtype=self.dtype,
-                          name='features_0')]
+                          name=common.block_name(0))]
     blocks += [InvertedResidual(spec, norm(spec.index), dtype=self.dtype,
-                                name=f'features_{spec.index}')
+                                name=common.block_name(spec.index))
                for spec in block_specs(self.width_mult, self.cifar_stem)]
     blocks.append(ConvNormAct(last_channels(self.width_mult), 1, norm(last), dtype=self.dtype,
-                              name=f'features_{last}'))
+                              name=common.block_name(last)))
     for i in range(start, stop):
       x = blocks[i](x)
       if i == first - 1:

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from normjax.models import common
 from normjax.models.depthwise import depthwise_conv2d
-from normjax.models.mobilenet_v2 import (NUM_BLOCKS, STEM_CHANNELS, BlockSpec, block_specs,
-                                         first_trainable_block, has_residual, last_channels,
-                                         make_divisible, stem_stride)
+from normjax.models.mobilenet_v2 import (NUM_BLOCKS, STEM_CHANNELS, BlockSpec, block_specs, has_residual,
+                                         last_channels, make_divisible, stem_stride)
 
 # Variance-preserving gains: gamma = 1 / std(act(z)) for z ~ N(0, 1).
 ACTIVATION_GAMMAS = {
@@ -199,7 +199,7 @@ class NFMobileNetV2Features(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     del train  # no train-dependent layers: the frozen prefix needs no eval mode either
     specs = block_specs(self.width_mult, self.cifar_stem)
-    first_trainable = first_trainable_block(self.trainable_blocks)
+    first_trainable = common.first_trainable(NUM_BLOCKS, self.trainable_blocks)
 
     def freeze(index: int, y: jnp.ndarray) -> jnp.ndarray:
       # Cutting the gradient after the last frozen block skips the whole frozen backward pass.
@@ -207,12 +207,12 @@ class NFMobileNetV2Features(nn.Module):
 
     x = x.astype(self.dtype)
     x = NFConvAct(make_divisible(STEM_CHANNELS * self.width_mult), 3, stem_stride(self.cifar_stem),
-                  dtype=self.dtype, name='features_0')(x)
+                  dtype=self.dtype, name=common.block_name(0))(x)
     x = freeze(0, x)
     for spec, var in zip(specs, expected_input_variances(specs, self.alpha)):
       x = NFInvertedResidual(spec, beta=math.sqrt(var), alpha=self.alpha, skip_gain=self.skip_gain,
-                             dtype=self.dtype, name=f'features_{spec.index}')(x)
+                             dtype=self.dtype, name=common.block_name(spec.index))(x)
       x = freeze(spec.index, x)
     last = NUM_BLOCKS - 1
-    x = NFConvAct(last_channels(self.width_mult), 1, dtype=self.dtype, name=f'features_{last}')(x)
+    x = NFConvAct(last_channels(self.width_mult), 1, dtype=self.dtype, name=common.block_name(last))(x)
     return freeze(last, x)

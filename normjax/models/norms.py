@@ -11,11 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from normjax import registry
 from normjax.errors import ConfigError
 
 ModuleDef = Callable[..., nn.Module]
-
-NORMS = ('bn', 'ln', 'gn', 'frn', 'none')
 
 BN_MOMENTUM = 0.9  # torch BatchNorm momentum 0.1 (torch weights the new value, flax the old)
 BN_EPSILON = 1e-5  # torch BatchNorm eps
@@ -23,7 +22,6 @@ LN_EPSILON = 1e-5  # torch LayerNorm eps
 GN_EPSILON = 1e-5  # torch GroupNorm eps
 FRN_EPSILON = 1e-6  # Singh & Krishnan 2020: eps = 1e-6
 FRN_LEARNED_EPS_INIT = 1e-4  # Singh & Krishnan 2020: learned eps_l initialised to 1e-4
-FRN_DENSE_MODES = ('features', 'unit')
 
 
 class Identity(nn.Module):
@@ -103,8 +101,9 @@ class FRN(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     if x.ndim not in (2, 4):
       raise ValueError(f'FRN expects a 2D (N, C) or 4D (N, H, W, C) input, got shape {x.shape}')
-    if self.dense not in FRN_DENSE_MODES:
-      raise ConfigError(f'model.frn_dense = {self.dense!r}; allowed: {", ".join(FRN_DENSE_MODES)}')
+    if self.dense not in registry.FRN_DENSE_MODES:
+      raise ConfigError(f'model.frn_dense = {self.dense!r}; '
+                        f'allowed: {", ".join(registry.FRN_DENSE_MODES)}')
     per_unit = x.ndim == 2 and self.dense == 'unit'
     features = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
@@ -154,4 +153,4 @@ def make_norm(name: str, *, train: bool, dtype: Any = jnp.float32, gn_groups: in
     return functools.partial(FRN, learned_epsilon=frn_learned_eps, dense=frn_dense, dtype=dtype)
   if name == 'none':
     return Identity
-  raise ConfigError(f'norm: unknown name {name!r}; allowed: {", ".join(NORMS)}')
+  raise ConfigError(f'norm: unknown name {name!r}; allowed: {", ".join(registry.NORMS)}')

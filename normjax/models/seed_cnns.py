@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from normjax.models import common
+
 # Keras' Conv2D/Dense defaults: glorot_uniform kernels, zero biases.
 _KERAS_INIT = {'kernel_init': nn.initializers.glorot_uniform(), 'bias_init': nn.initializers.zeros}
 
@@ -52,7 +54,7 @@ class _Backbone(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     del train  # no train-dependent layers
     blocks = self.blocks()
-    first_trainable = 0 if self.trainable_blocks < 0 else len(blocks) - self.trainable_blocks
+    first_trainable = common.first_trainable(len(blocks), self.trainable_blocks)
     x = x.astype(self.dtype)
     for i, block in enumerate(blocks):
       x = block(x)
@@ -73,7 +75,7 @@ class MLP(_Backbone):
   """784-512-256 with ReLU (the head adds 256->10)."""
 
   def blocks(self):
-    dense = lambda width, i: nn.Dense(width, dtype=self.dtype, name=f'features_{i}')
+    dense = lambda width, i: nn.Dense(width, dtype=self.dtype, name=common.block_name(i))
     return [lambda x: nn.relu(dense(512, 0)(_flatten(x))),
             lambda x: nn.relu(dense(256, 1)(x))]
 
@@ -82,8 +84,8 @@ class LeNet(_Backbone):
   """LeNet-5 with ReLU, max-pooling and a 200-unit first FC layer."""
 
   def blocks(self):
-    conv = lambda c, pad, i: nn.Conv(c, (5, 5), padding=pad, dtype=self.dtype, name=f'features_{i}')
-    dense = lambda width, i: nn.Dense(width, dtype=self.dtype, name=f'features_{i}')
+    conv = lambda c, pad, i: nn.Conv(c, (5, 5), padding=pad, dtype=self.dtype, name=common.block_name(i))
+    dense = lambda width, i: nn.Dense(width, dtype=self.dtype, name=common.block_name(i))
     return [lambda x: _pool(nn.relu(conv(6, ((2, 2), (2, 2)), 0)(x))),
             lambda x: _pool(nn.relu(conv(16, 'VALID', 1)(x))),
             lambda x: nn.relu(dense(200, 2)(_flatten(x))),
@@ -95,7 +97,7 @@ class MediumLight(_Backbone):
 
   def blocks(self):
     conv = lambda c, i: nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                                name=f'features_{i}')
+                                name=common.block_name(i))
     return [lambda x: _pool(nn.relu(conv(12, 0)(x))),
             lambda x: nn.relu(conv(24, 1)(x))]
 
@@ -104,7 +106,7 @@ class UltraLight(_Backbone):
   """One 3x3 conv with 4 filters, max-pooled to 2x2 and flattened to 16 values for `out`."""
 
   def blocks(self):
-    conv = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name='features_0')
+    conv = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=common.block_name(0))
     return [lambda x: _flatten(_pool(nn.relu(conv(x)), size=x.shape[1] // 2))]
 
 
@@ -112,12 +114,13 @@ class CNNMnist(_Backbone):
   """The seed's Keras CNN without its head: conv32-pool-conv64-pool-conv64-flatten-dense128."""
 
   def blocks(self):
-    conv = lambda c, i: nn.Conv(c, (3, 3), padding='VALID', dtype=self.dtype, name=f'features_{i}',
+    conv = lambda c, i: nn.Conv(c, (3, 3), padding='VALID', dtype=self.dtype, name=common.block_name(i),
                                 **_KERAS_INIT)
+    dense = lambda w, i: nn.Dense(w, dtype=self.dtype, name=common.block_name(i), **_KERAS_INIT)
     return [lambda x: _pool(nn.relu(conv(32, 0)(x))),
             lambda x: _pool(nn.relu(conv(64, 1)(x))),
             lambda x: nn.relu(conv(64, 2)(x)),
-            lambda x: nn.relu(nn.Dense(128, dtype=self.dtype, name='features_3', **_KERAS_INIT)(_flatten(x)))]
+            lambda x: nn.relu(dense(128, 3)(_flatten(x)))]
 
 
 # model.name -> backbone class.

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from normjax.models import common
+
 # Keras' Conv2D/Dense defaults: glorot_uniform kernels, zero biases.
 _KERAS_INIT = {'kernel_init': nn.initializers.glorot_uniform(), 'bias_init': nn.initializers.zeros}
 _CONV_ITEM = re.compile(r'([1-9]\d*)x([1-9]\d*)')
@@ -75,12 +77,12 @@ class TunableCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     n_blocks = len(self.conv_layers) + len(self.dense_layers)
-    first_trainable = 0 if self.trainable_blocks < 0 else n_blocks - self.trainable_blocks
+    first_trainable = common.first_trainable(n_blocks, self.trainable_blocks)
     x = x.astype(self.dtype)
     i = 0
     for filters, kernel in self.conv_layers:
       x = nn.relu(nn.Conv(filters, (kernel, kernel), padding='SAME', dtype=self.dtype,
-                          name=f'features_{i}', **_KERAS_INIT)(x))
+                          name=common.block_name(i), **_KERAS_INIT)(x))
       if min(x.shape[1:3]) >= 2:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))  # 'VALID': floor, as Keras' MaxPooling2D
       i += 1
@@ -88,7 +90,7 @@ class TunableCNN(nn.Module):
         x = jax.lax.stop_gradient(x)
     x = x.reshape(x.shape[0], -1)
     for j, units in enumerate(self.dense_layers):
-      x = nn.relu(nn.Dense(units, dtype=self.dtype, name=f'features_{i}', **_KERAS_INIT)(x))
+      x = nn.relu(nn.Dense(units, dtype=self.dtype, name=common.block_name(i), **_KERAS_INIT)(x))
       if j + 1 < len(self.dense_layers):  # the last one's dropout is the head's
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
       i += 1
