@@ -177,7 +177,7 @@ def run_gradcam(workdir: str | os.PathLike, *, images: int = DEFAULT_IMAGES, lay
                 split: str = 'test', out: str | os.PathLike | None = None,
                 run: landscape.LoadedRun | None = None) -> pathlib.Path:
   """Grad-CAM of `images` examples of a run's split; returns the PNG's path."""
-  run = run or landscape.load_run(workdir)
+  run = run or landscape.load_run(workdir, use_feature_cache=False)
   data = run.split(split)
   indices = few_per_class(data.labels, images)
   images_u8 = data.images[indices]

@@ -389,8 +389,12 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(config_schema.upgrade(metrics_io.read_json(path)))
 
 
-def load_run(workdir: str | os.PathLike) -> LoadedRun:
-  """Config, data splits, model and the latest checkpoint's params/batch_stats."""
+def load_run(workdir: str | os.PathLike, use_feature_cache: bool = True) -> LoadedRun:
+  """Config, data splits, model and the latest checkpoint's params/batch_stats.
+
+  A run trained from the frozen-feature cache is evaluated from it unless `use_feature_cache`
+  is False (Grad-CAM needs gradients with respect to images, so it runs the whole network).
+  """
   workdir = pathlib.Path(workdir).absolute()
   config = read_run_config(workdir)
   step, restored = checkpoint.restore_latest(workdir)
@@ -398,7 +402,7 @@ def load_run(workdir: str | os.PathLike) -> LoadedRun:
   model = create_model(config, splits.num_classes)
   batch_stats = restored.get('batch_stats') or {}
   store, start_block = None, 0
-  if features_lib.enabled(config):
+  if use_feature_cache and features_lib.enabled(config):
     store = features_lib.prepare(config, model, {'params': restored['params'], 'batch_stats': batch_stats},
                                  splits)
     start_block = features_lib.first_trainable(config)

@@ -346,3 +346,8 @@ def test_cached_run_is_evaluated_from_its_feature_cache(tmp_path, shared_data_di
   b, _ = landscape.run_landscape(tmp_path / 'run', run=online, **kwargs)
   np.testing.assert_allclose(a.loss, b.loss, rtol=1e-5)
   np.testing.assert_array_equal(a.accuracy, b.accuracy)
+  # Grad-CAM differentiates with respect to images: it loads the run without the cache.
+  from normjax import gradcam
+  assert landscape.load_run(tmp_path / 'run', use_feature_cache=False).features is None
+  png = gradcam.run_gradcam(tmp_path / 'run', images=4, split='test')
+  assert png.exists() and png.stat().st_size > 0
