@@ -367,7 +367,7 @@ def restore_latest(workdir: str | os.PathLike) -> tuple[int, dict[str, Any]]:
 
   Reads only: an unreadable newer step is skipped with a warning, not moved.
   """
-  checkpoints = RunDir(workdir).checkpoints
+  checkpoints = RunDir(pathlib.Path(workdir).absolute()).checkpoints  # orbax wants absolute paths
   manager = None
   if checkpoints.is_dir():
     with quiet_orbax():

@@ -460,3 +460,11 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_p
   config.train.max_steps = 10
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
   assert strip_timing(records(tmp_path / 'run')) == strip_timing(records(tmp_path / 'straight'))
+
+
+def test_restore_latest_takes_a_relative_workdir(config, tmp_path, monkeypatch):
+  config.train.max_steps = 4
+  train.train_and_evaluate(config, str(tmp_path / 'run'))
+  monkeypatch.chdir(tmp_path)
+  step, restored = checkpoint.restore_latest('run')
+  assert step == 4 and 'params' in restored
