@@ -16,7 +16,7 @@ def shared_data_dir() -> pathlib.Path:
                 'and fashion-mnist/ (the project\'s shared/data) to run the real-data tests.')
   if not pathlib.Path(path).is_dir():
     pytest.fail(f'{pipeline.ENV_DATA_DIR}={path!r} is not a directory.')
-  return pathlib.Path(path)
+  return pathlib.Path(path).absolute()  # CI gives ../shared/data; tests chdir and symlink
 
 
 @pytest.fixture(scope='session')
