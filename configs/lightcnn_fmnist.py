@@ -4,7 +4,8 @@ r"""LightCNN (6,218 params) on Fashion-MNIST with the study's MNIST schedule: Ad
       --config=configs/lightcnn_fmnist.py --workdir=workdir/lightcnn_fmnist
 
 Expected: test accuracy 0.888 on the real Fashion-MNIST test set (best val 0.896),
-6,218 params, 1,174 s on 2 CPU cores (measured 2026-11-24, README "Results").
+6,218 params, 1,174 s on 2 CPU cores (measured 2026-11-24 before model.head_init existed, i.e.
+with --config.model.head_init=flax; README "Results").
 The study (section 4) reports 98.61% on MNIST; Fashion-MNIST is harder.
 Quick CPU check of the pipeline (20 steps):
   python -m normjax.main --config=configs/lightcnn_fmnist.py:quick --workdir=workdir/quick/lightcnn_fmnist
