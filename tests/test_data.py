@@ -404,20 +404,8 @@ def test_release_unpickler_refuses_every_other_global(tmp_path):
   assert batch[b'labels'] == [1] and batch[b'data'].dtype == np.uint8
 
 
-def test_cifar10_python_prepares_without_tensorflow(tmp_path):
-  blocker = tmp_path / 'block'
-  blocker.mkdir()
-  # Hide tensorflow from the path finder, as tests/test_train.py does.
-  (blocker / 'sitecustomize.py').write_text(
-      'import sys\n'
-      'from importlib.machinery import PathFinder\n'
-      'class HideTF(PathFinder):\n'
-      '  @classmethod\n'
-      '  def find_spec(cls, name, path=None, target=None):\n'
-      '    if name == "tensorflow" or name.startswith("tensorflow."):\n'
-      '      return None\n'
-      '    return super().find_spec(name, path, target)\n'
-      'sys.meta_path = [HideTF if f is PathFinder else f for f in sys.meta_path]\n')
+def test_cifar10_python_prepares_without_tensorflow(tmp_path, tf_blocker):
+  blocker = tf_blocker
   archive = tmp_path / builders.CIFAR10_PYTHON_ARCHIVE
   written = write_cifar10_python(archive)
   np.save(tmp_path / 'expected.npy', written['test'][0])

@@ -146,20 +146,8 @@ def _main_cmd(workdir, tfds_dir, *extra):
           '--config.train.batch_size=32', '--config.train.log_every_steps=1', *extra]
 
 
-def test_core_trains_with_tensorflow_blocked(tmp_path, tfds_dir, shared_data_dir):
-  blocker = tmp_path / 'block'
-  blocker.mkdir()
-  # Hide tensorflow from the path finder: imports and find_spec see it exactly as not installed.
-  (blocker / 'sitecustomize.py').write_text(
-      'import sys\n'
-      'from importlib.machinery import PathFinder\n'
-      'class HideTF(PathFinder):\n'
-      '  @classmethod\n'
-      '  def find_spec(cls, name, path=None, target=None):\n'
-      '    if name == "tensorflow" or name.startswith("tensorflow."):\n'
-      '      return None\n'
-      '    return super().find_spec(name, path, target)\n'
-      'sys.meta_path = [HideTF if f is PathFinder else f for f in sys.meta_path]\n')
+def test_core_trains_with_tensorflow_blocked(tmp_path, tfds_dir, shared_data_dir, tf_blocker):
+  blocker = tf_blocker
   env = {**os.environ, 'PYTHONPATH': f'{blocker}{os.pathsep}{os.environ.get("PYTHONPATH", "")}',
          'JAX_PLATFORMS': 'cpu', 'NORMJAX_DATA_DIR': str(shared_data_dir)}
   probe = subprocess.run([sys.executable, '-c', 'import tensorflow'], env=env, capture_output=True, text=True)

