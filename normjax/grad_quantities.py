@@ -32,8 +32,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from normjax import checkpoint, config_schema, metrics_io, optim, pretrained
+from normjax import checkpoint, config_schema, features, metrics_io, optim, pretrained
 from normjax.data import augment, pipeline
+from normjax.models.classifier import Classifier
 from normjax.models.factory import create_model
 
 SCOPES = ('trainable', 'all')
@@ -49,28 +50,63 @@ def norms(grads: Any, mask: Any) -> dict[str, float]:
           'tensors': int(per_param.size)}
 
 
+# Images per backward pass through a frozen eval-mode prefix: at 224 px a whole batch of 64
+# needs more than 8 GB of activations; eval-mode blocks treat images independently, so chunks are exact.
+PREFIX_CHUNK = 8
+
+
 def gradient(config: ml_collections.ConfigDict, variables: dict[str, Any], images: jax.Array,
-             labels: jax.Array, dropout_key: jax.Array, frozen_bn: str, scope: str) -> Any:
+             labels: jax.Array, dropout_key: jax.Array, frozen_bn: str, scope: str,
+             num_classes: int = 10) -> Any:
   """The gradient of the mean cross-entropy with respect to every parameter.
 
   scope 'trainable' stops gradients at the frozen prefix, as normjax trains; 'all' lets them
-  flow through every block (a model frozen only by its optimizer).
+  flow through every block (a model frozen only by its optimizer). For 'all' with
+  frozen_bn='train' every block trains, whose BatchNorms then use batch statistics, which is
+  that mode's forward. With 'eval' the frozen prefix runs as `Classifier.prefix` (eval mode)
+  and the rest from its output, both built with every block trainable so that no
+  stop_gradient cuts the path: the trained part gives the gradient at the prefix output,
+  which is pulled back through the prefix PREFIX_CHUNK images at a time.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.frozen_bn = frozen_bn
+  first = features.first_trainable(config) if config.model.name == 'mobilenet_v2' else 0
   if scope == 'all':
-    # Every block trainable gives every block a gradient; its BatchNorms then use batch
-    # statistics, which is frozen_bn='train', so 'all' exists only in that mode.
     config.optim.trainable_blocks = -1
-  model = create_model(config, 10)
+  model = create_model(config, num_classes)
+  params, batch_stats = variables['params'], variables.get('batch_stats', {})
+  if scope == 'all' and frozen_bn == 'eval' and first > 0:
+    return _through_eval_prefix(model, first, params, batch_stats, images, labels, dropout_key)
 
   def loss_fn(params, batch_stats, images, labels, dropout_key):
     logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
                             mutable=['batch_stats'], rngs={'dropout': dropout_key})
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  return jax.jit(jax.grad(loss_fn))(variables['params'], variables.get('batch_stats', {}), images,
-                                    labels, dropout_key)
+  return jax.jit(jax.grad(loss_fn))(params, batch_stats, images, labels, dropout_key)
+
+
+def _through_eval_prefix(model: Classifier, first: int, params: Any, batch_stats: Any, images: jax.Array,
+                         labels: jax.Array, dropout_key: jax.Array) -> Any:
+  def prefix(params, images):
+    return model.apply({'params': params, 'batch_stats': batch_stats}, images, first,
+                       method=Classifier.prefix)
+
+  def tail_loss(params, prefix_out):
+    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, prefix_out, train=True,
+                            start_block=first, mutable=['batch_stats'], rngs={'dropout': dropout_key})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  @jax.jit
+  def pull_back(params, images, cotangent):
+    return jax.vjp(lambda p: prefix(p, images), params)[1](cotangent)[0]
+
+  prefix_out = jax.jit(prefix)(params, images)
+  grads, cotangent = jax.jit(jax.grad(tail_loss, argnums=(0, 1)))(params, prefix_out)
+  for i in range(0, len(images), PREFIX_CHUNK):
+    chunk = slice(i, i + PREFIX_CHUNK)
+    grads = jax.tree.map(jnp.add, grads, pull_back(params, images[chunk], cotangent[chunk]))
+  return grads
 
 
 def measure(config: ml_collections.ConfigDict, variables: dict[str, Any],
@@ -82,8 +118,6 @@ def measure(config: ml_collections.ConfigDict, variables: dict[str, Any],
   rows = []
   for frozen_bn in FROZEN_BN:
     for scope in SCOPES:
-      if scope == 'all' and frozen_bn == 'eval':
-        continue
       values = [norms(gradient(config, variables, x, y, k, frozen_bn, scope), masks[scope])
                 for x, y, k in batches]
       rows.append({'frozen_bn': frozen_bn, 'scope': scope, 'tensors': values[0]['tensors'],

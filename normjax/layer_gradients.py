@@ -26,65 +26,17 @@ import sys
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from matplotlib.figure import Figure
 
-from normjax import checkpoint, features, grad_quantities, landscape, monitor, optim, report
+from normjax import checkpoint, grad_quantities, landscape, monitor, optim, report
 from normjax.data import pipeline
-from normjax.models.classifier import Classifier
-from normjax.models.factory import create_model
 
 # log10|g| histogram bins: float32 gradients below 1e-12 are rounding noise next to the
 # 1e-6..1 range these nets show; exact zeros (dead ReLU6 units) are counted apart.
 BINS = np.linspace(-12.0, 2.0, 141)
 PERCENTILES = (5, 25, 50, 75, 95)
-
-
-# Images per backward pass through the frozen prefix: at 224 px a whole batch of 64 would need
-# more than 8 GB of activations; eval-mode blocks treat images independently, so chunks are exact.
-PREFIX_CHUNK = 8
-
-
-def all_gradients(config: ml_collections.ConfigDict, variables: dict[str, Any], images: jax.Array,
-                  labels: jax.Array, dropout_key: jax.Array, num_classes: int = 10) -> Any:
-  """The gradient of the mean cross-entropy for every parameter, through the run's forward.
-
-  With frozen_bn='eval' the frozen prefix runs as `Classifier.prefix` (eval mode) and the
-  rest from its output, both built with every block trainable so that no stop_gradient cuts
-  the path: the trained part gives the gradient at the prefix output, which is then pulled
-  back through the prefix PREFIX_CHUNK images at a time. With 'train' every block trains,
-  whose BatchNorms then use batch statistics, which is that mode's forward.
-  """
-  first = features.first_trainable(config) if config.model.name == 'mobilenet_v2' else 0
-  if config.model.frozen_bn == 'train' or first == 0:
-    return grad_quantities.gradient(config, variables, images, labels, dropout_key, 'train', 'all')
-  unfrozen = ml_collections.ConfigDict(config.to_dict())
-  unfrozen.optim.trainable_blocks = -1
-  model = create_model(unfrozen, num_classes)
-  params, batch_stats = variables['params'], variables.get('batch_stats', {})
-
-  def prefix(params, images):
-    return model.apply({'params': params, 'batch_stats': batch_stats}, images, first,
-                       method=Classifier.prefix)
-
-  def tail_loss(params, prefix_out):
-    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, prefix_out, train=True,
-                            start_block=first, mutable=['batch_stats'], rngs={'dropout': dropout_key})
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-  @jax.jit
-  def pull_back(params, images, cotangent):
-    return jax.vjp(lambda p: prefix(p, images), params)[1](cotangent)[0]
-
-  prefix_out = jax.jit(prefix)(params, images)
-  grads, cotangent = jax.jit(jax.grad(tail_loss, argnums=(0, 1)))(params, prefix_out)
-  for i in range(0, len(images), PREFIX_CHUNK):
-    chunk = slice(i, i + PREFIX_CHUNK)
-    grads = jax.tree.map(jnp.add, grads, pull_back(params, images[chunk], cotangent[chunk]))
-  return grads
 
 
 def clipped(config: ml_collections.ConfigDict, params: Any, grads: Any) -> Any:
@@ -129,7 +81,8 @@ def measure(workdir: str | pathlib.Path, batches: int) -> dict[str, Any]:
   trained = jax.tree.map(lambda lab: lab != 'frozen', labels)
   before, after = [], []
   for x, y, key in grad_quantities.first_batches(config, splits, batches):
-    g = all_gradients(config, variables, x, y, key, splits.num_classes)
+    g = grad_quantities.gradient(config, variables, x, y, key, config.model.frozen_bn, 'all',
+                                splits.num_classes)
     before.append(by_block(g, trained))
     after.append(by_block(clipped(config, variables['params'], g), trained))
   blocks = sorted(before[0], key=report.depth_key)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from configs import base, smoke
-from normjax import layer_gradients, optim, pretrained, train
+from normjax import grad_quantities, layer_gradients, optim, pretrained, train
 from normjax.models.factory import create_model
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -67,7 +67,7 @@ def test_frozen_blocks_get_torchs_gradient_through_eval_mode_batchnorms():
   template = create_model(config, 10)
   variables = pretrained.port_state_dict(initial, template)
   want = pretrained.port_state_dict(torch_grads, template)['params']
-  got = layer_gradients.all_gradients(config, variables, x, y.astype(np.int32), jax.random.key(0))
+  got = grad_quantities.gradient(config, variables, x, y.astype(np.int32), jax.random.key(0), 'eval', 'all')
   blocks = {name: want['backbone'][name] for name in ('features_0', 'features_9', 'features_17', 'features_18')}
   for name, block in {**blocks, 'head': want['head']}.items():
     wants = jax.tree.leaves(block)
@@ -84,7 +84,7 @@ def test_global_norm_clipping_scales_only_the_trained_blocks_by_one_factor(setup
   config, _, variables, x, y = setup
   config = config.copy_and_resolve_references()
   config.optim.clip, config.optim.clip_norm = 'global_norm', 0.05
-  g = layer_gradients.all_gradients(config, variables, x, y, jax.random.key(4))
+  g = grad_quantities.gradient(config, variables, x, y, jax.random.key(4), 'eval', 'all')
   after = layer_gradients.clipped(config, variables['params'], g)
   labels = jax.tree.leaves(optim.param_labels(variables['params'], config.optim.trainable_blocks))
   before, after = jax.tree.leaves(g), jax.tree.leaves(after)
