@@ -24,6 +24,15 @@ def _norm_factory(name: str, model_cfg: ml_collections.ConfigDict, dtype):
                            frn_learned_eps=model_cfg.frn_learned_eps, frn_dense=model_cfg.frn_dense)
 
 
+def _backbone_norm_factory(model_cfg: ml_collections.ConfigDict, dtype):
+  """model.norm in a conv backbone; `ln` is Wu & He 2018's LayerNorm (their Fig. 2): statistics
+  over (H, W, C) of each example, i.e. GroupNorm with one group, not make_norm's per-pixel
+  LayerNorm over C alone (the heads' LN on (N, C) features)."""
+  if model_cfg.norm == 'ln':
+    return functools.partial(make_norm, 'gn', dtype=dtype, gn_groups=1)
+  return _norm_factory(model_cfg.norm, model_cfg, dtype)
+
+
 def _seed_cnn(name: str) -> BackboneBuilder:
   return lambda m, trainable, dtype: seed_cnns.MODELS[name](trainable_blocks=trainable, dtype=dtype)
 
@@ -32,7 +41,7 @@ def _seed_cnn(name: str) -> BackboneBuilder:
 BACKBONES: dict[str, BackboneBuilder] = {
     'lightcnn': lambda m, trainable, dtype: LightCNN(trainable_blocks=trainable, dtype=dtype),
     'mobilenet_v2': lambda m, trainable, dtype: MobileNetV2Features(
-        norm=_norm_factory(m.norm, m, dtype), width_mult=m.width_mult, cifar_stem=m.cifar_stem,
+        norm=_backbone_norm_factory(m, dtype), width_mult=m.width_mult, cifar_stem=m.cifar_stem,
         trainable_blocks=trainable, frozen_bn=m.frozen_bn, dtype=dtype),
     'nf_mobilenet_v2': lambda m, trainable, dtype: NFMobileNetV2Features(
         width_mult=m.width_mult, cifar_stem=m.cifar_stem, trainable_blocks=trainable, dtype=dtype),
