@@ -17,7 +17,7 @@ NORMS = ('bn', 'ln', 'gn', 'frn', 'none')
 HEAD_NORMS = ('bn', 'ln', 'frn', *(n for n in NORMS if n not in ('bn', 'ln', 'frn')))
 FRN_DENSE_MODES = ('features', 'unit')  # model.frn_dense
 FROZEN_BN_MODES = ('eval', 'train')  # model.frozen_bn
-HEAD_INITS = ('torch', 'flax')  # model.head_init
+HEAD_INITS = ('torch', 'flax', 'zeros')  # model.head_init
 
 # data.name: data/pipeline.py DATASETS says how to prepare each.
 DATASETS = ('cifar10', 'cifar10_jpeg', 'fashion_mnist', 'fashion_mnist_idx', 'mnist_idx')

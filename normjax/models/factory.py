@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from normjax.errors import ConfigError
 from normjax.models import heads, seed_cnns, tunable_cnn
 from normjax.models.classifier import Classifier
 from normjax.models.lightcnn import LightCNN
@@ -59,6 +60,10 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Classif
     raise ValueError(f'config.model.name = {m.name!r}; allowed: {", ".join(BACKBONES)}')
   backbone = BACKBONES[m.name](m, config.optim.trainable_blocks, dtype)
   if m.head == 'mlp':
+    if m.head_init == 'zeros':
+      raise ConfigError("config.model.head_init = 'zeros' zero-initialises every head layer, and the "
+                        "MLP head's hidden layer would then get no gradient; use model.head=linear "
+                        "(the NFNets classifier) or head_init torch | flax")
     head = heads.MLPHead(num_classes, norm=_norm_factory(m.head_norm, m, dtype), hidden=m.head_hidden,
                          dropout=m.dropout, init_style=m.head_init, dtype=dtype)
   else:
