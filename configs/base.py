@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = 'mobilenet_v2'  # lightcnn | mobilenet_v2 | nf_mobilenet_v2 | normjax.models.seed_cnns
   config.model.width_mult = 1.0
   config.model.cifar_stem = False  # True: first strides 1, keeps resolution at 32x32
-  config.model.norm = 'bn'         # backbone norm: bn | gn | frn | none
+  config.model.norm = 'bn'         # backbone norm: bn | ln | gn | frn | none
   config.model.head = 'mlp'        # mlp (study head) | linear (torchvision classifier)
   config.model.head_norm = 'bn'    # bn | ln | frn | gn | none
   config.model.head_hidden = 256   # study: FC(1280->256)
@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Frozen blocks' BatchNorm: eval = ImageNet running stats, never updated (cacheable);
   # train = torch's model.train() with requires_grad=False: batch stats, running stats updated.
   config.model.frozen_bn = 'eval'
-  config.model.head_init = 'torch'  # torch: nn.Linear's init, as the study's heads had | flax
+  config.model.head_init = 'torch'  # torch: nn.Linear's init, as the study's heads had | flax | zeros
   config.model.pretrained = 'torchvision_v1'  # none | torchvision_v1 | torchvision_v2 | <path>
   config.model.dtype = 'float32'   # float32 | bfloat16 (compute dtype; params stay float32)
 
@@ -225,6 +225,8 @@ def scratch(model: str, clip: str, arg: str | None = None,
   config.model.norm = 'bn'  # ignored by nf_mobilenet_v2, which has no norm layers
   config.model.head = 'linear'
   config.model.dropout = 0.2  # torchvision mobilenet_v2 classifier dropout
+  if model == 'nf_mobilenet_v2':
+    config.model.head_init = 'zeros'  # NFNets' zero-initialised classifier (models/heads.py)
   config.model.pretrained = 'none'
   config.optim.name = 'sgd'
   config.optim.nesterov = True

@@ -84,7 +84,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'model.name': _choice(*registry.MODELS),
     'model.width_mult': _positive_float(),
     'model.cifar_stem': _bool(),
-    'model.norm': _choice(*registry.BACKBONE_NORMS),
+    'model.norm': _choice(*registry.NORMS),
     'model.head': _choice('mlp', 'linear'),
     'model.head_norm': _choice(*registry.HEAD_NORMS),
     'model.head_hidden': _positive_int(),

@@ -367,32 +367,53 @@ def batch_group(run: Run) -> str:
   return f"{run.cfg('model.name', NA)} (norm {fmt_backbone_norm(run)}, clip {fmt_clip(run)})"
 
 
+def val_error(st: Stats) -> float | None:
+  """The final epoch's validation error in %, the y axis of Wu & He 2018's Figure 1."""
+  return None if st.final_val is None else 100.0 * (1.0 - st.final_val)
+
+
 def plot_batch_size(groups: dict[str, list[tuple[int, Run, Stats]]],
                     path: pathlib.Path) -> None:
-  panels = [('test', 'test accuracy (%)', 100.0), ('images_per_sec', 'images/s', 1.0)]
+  """Wu & He 2018 Fig. 1: val error against batch size, one line per model and norm, on a log2
+  axis falling from the largest batch on the left to the smallest; then images/s and, where
+  measured, peak device memory on the same axis."""
+  panels = [(val_error, 'val error (%)'), (lambda st: st.images_per_sec, 'images/s')]
   if any(st.peak_memory_bytes is not None for g in groups.values() for _, _, st in g):
-    panels.append(('peak_memory_bytes', 'peak device memory (GiB)', 1 / 2**30))
+    panels.append((lambda st: None if st.peak_memory_bytes is None else st.peak_memory_bytes / 2**30,
+                   'peak device memory (GiB)'))
   sizes = sorted({bs for g in groups.values() for bs, _, _ in g})
   fig = Figure(figsize=(4.6 * len(panels), 4.4), layout='constrained')
   axes = fig.subplots(1, len(panels)).ravel()
-  for ax, (field, title, scale) in zip(axes, panels):
+  for ax, (value, title) in zip(axes, panels):
     for label, members in groups.items():
-      pts = sorted((bs, getattr(st, field) * scale) for bs, _, st in members
-                   if getattr(st, field) is not None)
+      pts = sorted((bs, value(st)) for bs, _, st in members if value(st) is not None)
       if pts:
         ax.plot(*zip(*pts), marker='o', label=label)
     ax.set_xscale('log', base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.minorticks_off()
-    ax.set_xlabel('batch size')
+    ax.invert_xaxis()  # Wu & He: batch size falls from left to right
+    ax.set_xlabel('batch size (images per step)')
     ax.set_title(title, fontsize='medium')
     ax.grid(alpha=0.3)
   legend_below(fig, axes)
   fig.savefig(path, dpi=110)
 
 
+def batch_error_change(members: list[tuple[int, Run, Stats]]) -> str:
+  """'47.10% at batch 64 -> 60.20% at batch 2 (+13.10 points); range 12.0 points' for one line."""
+  pts = sorted((bs, val_error(st)) for bs, _, st in members if val_error(st) is not None)
+  if len(pts) < 2:
+    return 'fewer than two batch sizes with a val error'
+  (small, e_small), (large, e_large) = pts[0], pts[-1]
+  errors = [e for _, e in pts]
+  return (f'{e_large:.2f}% at batch {large} -> {e_small:.2f}% at batch {small} '
+          f'({e_small - e_large:+.2f} points); range {max(errors) - min(errors):.2f} points')
+
+
 def batch_size_section(runs: list[Run], out: pathlib.Path) -> list[str]:
-  """NF+AGC vs BN across batch sizes; only when the runs differ in train.batch_size."""
+  """Val error (Wu & He 2018, Fig. 1), test accuracy and speed across batch sizes, one group per
+  model, backbone norm and clipping; only when the runs differ in train.batch_size."""
   sized = [r for r in runs if r.cfg('train.batch_size') is not None]
   if len({r.cfg('train.batch_size') for r in sized}) < 2:
     (out / BATCH_SIZE_PNG).unlink(missing_ok=True)
@@ -403,11 +424,15 @@ def batch_size_section(runs: list[Run], out: pathlib.Path) -> list[str]:
   rows = []
   for label in sorted(groups):
     for bs, run, st in sorted(groups[label], key=lambda m: (m[0], m[1].name)):
-      rows.append((label, bs, f'`{run.name}`', fmt_pct(st.test), fmt_num(st.images_per_sec),
-                   fmt_memory(st)))
+      err = val_error(st)
+      rows.append((label, bs, f'`{run.name}`', NA if err is None else f'{err:.2f}', fmt_pct(st.test),
+                   fmt_num(st.images_per_sec), fmt_memory(st)))
   plot_batch_size(dict(sorted(groups.items())), out / BATCH_SIZE_PNG)
+  changes = [f'- {label}: {batch_error_change(groups[label])}' for label in sorted(groups)]
   return ['## Batch size', '',
-          *md_table(('model', 'batch', 'run', 'test %', 'images/s', 'peak memory'), rows), '',
+          *md_table(('model', 'batch', 'run', 'val error %', 'test %', 'images/s', 'peak memory'), rows),
+          '', 'Val error: 100 - the final epoch\'s val accuracy (Wu & He 2018 plot it against batch '
+          'size in their Figure 1). From the largest batch to the smallest:', '', *changes, '',
           f'![batch size comparison]({BATCH_SIZE_PNG})']
 
 

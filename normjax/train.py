@@ -128,12 +128,16 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       test: bool = True) -> dict[str, Any] | None:
   """Trains config's model, evaluates on validation each epoch and on test at the end.
 
   Resumes from workdir/checkpoints when present; a finished run of the same config is only
   reported (nothing is written, so a read-only workdir works). Process 0 holds the workdir's
   lock while the run goes on. Returns the summary also written to workdir/summary.json.
+  test=False stops after the last checkpoint, without the test pass and summary.json, and
+  returns None: normjax.tune's epoch-by-epoch calls, whose trial may go on or be pruned (a
+  later call with test=True and the same length only evaluates test and writes the summary).
   """
   config = config_schema.validate(config)
   if '://' in str(workdir):
@@ -147,10 +151,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  finished.get('test_accuracy'))
     return finished
   with checkpoint.WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, test)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, Any]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        test: bool) -> dict[str, Any] | None:
   is_chief = jax.process_index() == 0
   mesh = parallel.make_mesh()
   parallel.check_batch_size('train.batch_size', config.train.batch_size, mesh)
@@ -260,7 +265,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         values.update(lr=float(lr_schedule(step - 1)), images_per_sec=ips)
         log.write('train', step, epoch, values)
         # Evaluations left: one per remaining epoch end, then the test set.
-        evals_left = total_steps // steps_per_epoch - step // steps_per_epoch + 1
+        evals_left = total_steps // steps_per_epoch - step // steps_per_epoch + test
         eta = throughput.eta((total_steps - step) * batch_size, ips, evals_left, len(val_split),
                              eval_seconds)
         logging.info('step %d/%d (epoch %.2f) loss %.4f acc %.4f gnorm %.3g | %.0f img/s | ETA %s',
@@ -289,17 +294,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
         manager.wait_until_finished()
         raise Preempted(step, preemption.signum)
   manager.wait_until_finished()
+  if not test:
+    log.close()
+    return None
 
   summary_path = run.summary
   if step == start_step and summary_path.exists():
     return metrics_io.read_json(summary_path)  # already finished: nothing to redo
-  test = evaluate(test_split)
-  log.write('test', step, step / steps_per_epoch, test)
+  test_metrics = evaluate(test_split)
+  log.write('test', step, step / steps_per_epoch, test_metrics)
   train_time = time.time() - t0
   summary = {
       'config': config.to_dict(),
-      'test_accuracy': test['accuracy'],
-      'test_loss': test['loss'],
+      'test_accuracy': test_metrics['accuracy'],
+      'test_loss': test_metrics['loss'],
       'epochs': step / steps_per_epoch,
       'steps': step,
       'wall_time_s': train_time,
@@ -313,7 +321,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     summary.update(runs.record_stats(metrics_io.read_jsonl(log.path)))
     metrics_io.write_json_atomic(summary_path, summary)
   log.close()
-  logging.info('test accuracy %.4f; summary in %s', test['accuracy'], summary_path)
+  logging.info('test accuracy %.4f; summary in %s', test_metrics['accuracy'], summary_path)
   return summary
 
 

@@ -12,7 +12,9 @@ normjax.train in its own run directory WORKDIR/trial_<k>, one epoch at a time:
 train_and_evaluate with train.num_epochs = 1, 2, ... resumes from the previous epoch's
 checkpoint, and after each epoch the val accuracy from metrics.jsonl is reported to Optuna, whose
 HyperbandPruner(min_resource=1, max_resource=7, reduction_factor=3) may stop the trial there
-(it is not asked after the last epoch, when the trial is done anyway).
+(it is not asked after the last epoch, when the trial is done anyway). These epoch calls skip the
+test set (train_and_evaluate's test=False); a trial that completes is evaluated on test once, by
+one more call that trains nothing, and its test accuracy goes into the table (a pruned one has none).
 (Optuna's Hyperband runs its successive-halving brackets asynchronously, trial by trial, where
 Keras Tuner trains each round's survivors together.) A trial's value is its best epoch's val
 accuracy, Keras Tuner's trial score. A schedule that depends on train.num_epochs (cosine) is
@@ -20,7 +22,7 @@ refused: the LR must be constant across the epoch-by-epoch resumes.
 
 `--trials=N` runs until the study holds N finished trials (complete, pruned, or failed with an
 error). Everything lives in WORKDIR: the study in `optuna.db` (SQLite, reloaded by the same
-command), `trials.md` (a table: params, epochs reached, val accuracy, state) and `trials.png`
+command), `trials.md` (a table: params, epochs reached, val and test accuracy, state) and `trials.png`
 (val accuracy per epoch per trial, pruned ones dashed; best so far against trial number),
 rewritten after every trial. One tune process holds WORKDIR's lock at a time.
 
@@ -203,7 +205,8 @@ def _best_text(study: optuna.Study, current: float | None = None, number: int | 
   return f'{value:.4f} (trial {best.number})' if best else '-'
 
 
-TrainFn = Callable[[ml_collections.ConfigDict, str], dict[str, Any]]
+# train.train_and_evaluate(config, workdir, test=...): a summary, or None with test=False.
+TrainFn = Callable[..., dict[str, Any] | None]
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, config: ml_collections.ConfigDict,
@@ -222,7 +225,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: ml_collections.C
     done = epoch_val_accuracy(run_dir)
     if epoch not in done:
       run_config.train.num_epochs = epoch
-      train_fn(run_config, str(run_dir))
+      train_fn(run_config, str(run_dir), test=False)  # the pruner reads val only
       done = epoch_val_accuracy(run_dir)
       if epoch not in done:  # train.max_steps ended the run before this epoch's end
         break
@@ -240,8 +243,12 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, config: ml_collections.C
   if best == -math.inf:
     raise errors.ConfigError('train.max_steps ends the trial before its first epoch; raise it or '
                              'set it to 0')
+  # Complete: the test pass the epoch calls skipped, at the last whole epoch (nothing left to train).
+  run_config.train.num_epochs = max(done)
+  test = train_fn(run_config, str(run_dir))['test_accuracy']
+  trial.set_user_attr('test_accuracy', test)
   study.tell(trial, best)
-  print(f'{tag} trial {trial.number}: complete, best val {best:.4f} in '
+  print(f'{tag} trial {trial.number}: complete, best val {best:.4f}, test {test:.4f} in '
         f'{runs.fmt_duration(time.time() - t0)}', flush=True)
 
 
@@ -337,11 +344,11 @@ def table_markdown(study: optuna.Study) -> str:
       f'Trials: {", ".join(f"{v} {k.lower()}" for k, v in counts.items()) or "none"}. '
       f'Best val accuracy: {_best_text(study)}.'
       + (f' Best params: `{_params_text(best)}`.' if best else ''), '',
-      'Val accuracy: the best epoch\'s (a pruned trial: up to its pruning). Conv layers are '
-      '`<filters>x<kernel>`.', '',
-      '| trial | state | epochs | val accuracy | last val | conv layers | dense units | dropout | lr | time '
-      '| note |',
-      '|---:|---|---:|---:|---:|---|---|---:|---:|---:|---|',
+      'Val accuracy: the best epoch\'s (a pruned trial: up to its pruning). Test accuracy: a complete '
+      'trial\'s, after its last epoch. Conv layers are `<filters>x<kernel>`.', '',
+      '| trial | state | epochs | val accuracy | last val | test accuracy | conv layers | dense units '
+      '| dropout | lr | time | note |',
+      '|---:|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|',
   ]
   for t in trials:
     values = t.intermediate_values
@@ -356,10 +363,11 @@ def table_markdown(study: optuna.Study) -> str:
     lines.append(
         f'| {t.number} | {t.state.name} | {max(values, default=0)} | '
         f'{_fmt(max(values.values()) if values else None)} | '
-        f'{_fmt(values[max(values)] if values else None)} | {conv} | {dense} | '
+        f'{_fmt(values[max(values)] if values else None)} | {_fmt(t.user_attrs.get("test_accuracy"))} | '
+        f'{conv} | {dense} | '
         f'{t.params["dropout"]:g} | {t.params["lr"]:g} | {_duration(t)} | {"; ".join(note)} |'
         if 'dropout' in t.params else
-        f'| {t.number} | {t.state.name} | 0 | - | - | - | - | - | - | {_duration(t)} | {"; ".join(note)} |')
+        f'| {t.number} | {t.state.name} | 0 |{" - |" * 8} {_duration(t)} | {"; ".join(note)} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -16,7 +16,7 @@ def run_main(*args, env=None, timeout=120):
     ('--config.train.bogus=1', 'normjax: error: config.train.bogus: unknown field; allowed: train.batch_size'),
     ('--config.model.name=resnet', "normjax: error: config.model.name = 'resnet' is not allowed; expected one "
      'of: lightcnn, mobilenet_v2, nf_mobilenet_v2'),
-    ('--config.model.norm=batchnorm', "config.model.norm = 'batchnorm' is not allowed; expected one of: bn, gn, frn, none"),
+    ('--config.model.norm=batchnorm', "config.model.norm = 'batchnorm' is not allowed; expected one of: bn, ln, gn, frn, none"),
     ('--config.data.name=imagenet', "config.data.name = 'imagenet' is not allowed"),
     ('--config.train.batch_size=0', 'config.train.batch_size = 0 is not allowed; expected an integer > 0'),
     ('--config.optim.lr=-0.1', 'config.optim.lr = -0.1 is not allowed; expected a number > 0'),

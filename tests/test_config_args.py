@@ -21,6 +21,7 @@ ALLOWED = {
     **{f'{norm}_{clip}': ('quick',) for norm in ('bn', 'ln', 'frn') for clip in ('noclip', 'clip')},
     'bn_agc': ('quick',), 'frn_agc': ('quick',), 'gn_noclip': ('quick',), 'tune_mnist': ('quick',),
     'bn_scratch': _SCRATCH, 'nf_agc_scratch': _SCRATCH,
+    'batch_sensitivity': ('norm', 'batch', 'quick'),
     'smoke': ('quick',), 'lightcnn_fmnist': ('quick',), 'lightcnn_mnist': ('quick',),
     'mnist_mlp': ('quick',), 'mnist_lenet': ('quick',), 'mnist_medium_light': ('quick',),
     'mnist_ultra_light': ('quick',), 'cnn_mnist': ('quick',),

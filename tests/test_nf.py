@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 from jax import lax
 
-from normjax import config_schema, optim
+from normjax import config_schema, errors, optim
 from normjax.models import nf
 from normjax.models.factory import create_model
 from normjax.models.classifier import Classifier
@@ -256,3 +256,31 @@ def test_nf_agc_config_clips_every_layer_but_the_classifier():
   flat = traverse_util.flatten_dict(clipped, sep='/')
   np.testing.assert_array_equal(flat['head/out/kernel'], 1e3)
   assert all(float(jnp.max(jnp.abs(v))) < 1e3 for k, v in flat.items() if not k.startswith('head/out/'))
+
+
+def test_nf_scratch_classifier_starts_at_zero_as_in_nfnets():
+  """model.head_init=zeros (the NF scratch configs' default): zero classifier, so every logit is 0."""
+  config = config_schema.load_config('configs/nf_agc_scratch.py:quick')
+  assert config.model.head_init == 'zeros'
+  x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+  model = create_model(config, 10)
+  variables = model.init(jax.random.PRNGKey(0), x, train=False)
+  out = variables['params']['head']['out']
+  assert out['kernel'].shape == (1280, 10)
+  np.testing.assert_array_equal(out['kernel'], 0.0)
+  np.testing.assert_array_equal(out['bias'], 0.0)
+  np.testing.assert_array_equal(model.apply(variables, x, train=False), 0.0)
+  # The backbone is not zero: the classifier's gradient (features x dlogits) is not either.
+  assert float(jnp.std(model.apply(variables, x, train=False, method=lambda m, x, train: m.backbone(x, train=train))
+                       )) > 0.1
+  # The old init stays available (README's NF+AGC vs BN numbers were measured with flax's).
+  config.model.head_init = 'torch'
+  torch_init = create_model(config, 10).init(jax.random.PRNGKey(0), x, train=False)['params']['head']['out']
+  assert float(jnp.abs(torch_init['kernel']).max()) > 0
+
+
+def test_zero_init_refuses_an_mlp_head():
+  config = config_schema.load_config('configs/nf_agc_scratch.py:quick')
+  config.model.head = 'mlp'
+  with pytest.raises(errors.ConfigError, match=r"config.model.head_init = 'zeros' .* model.head=linear"):
+    create_model(config, 10)

@@ -338,6 +338,38 @@ def test_batch_size_section(tmp_path):
   assert not (tmp_path / 'batch_size.png').exists()
 
 
+def test_batch_sensitivity_sweep_gives_wu_he_errors_per_norm(tmp_path):
+  """Run dirs as `normjax.sweep --configs=configs/batch_sensitivity.py:norm=N,batch=B,...` names them."""
+  errors = {'bn': {2: 70.0, 8: 55.0, 64: 47.5}, 'gn': {2: 50.0, 8: 49.5, 64: 49.0},
+            'nf': {2: 56.0, 8: 55.0, 64: 54.0}}
+  for norm, by_batch in errors.items():
+    for batch, err in by_batch.items():
+      spec = f'norm={norm},batch={batch}'
+      config = config_schema.load_config(str(REPO / 'configs' / f'batch_sensitivity.py:{spec}')).to_dict()
+      run = tmp_path / config_schema.config_stem(f'configs/batch_sensitivity.py:{spec}')
+      run.mkdir()
+      val = 1 - err / 100
+      (run / 'metrics.jsonl').write_text(''.join(
+          json.dumps({'kind': 'val', 'step': e, 'epoch': float(e), 'loss': 1.0, 'accuracy': val - 0.1 / e})
+          + '\n' for e in range(1, 5)) + json.dumps({'kind': 'val', 'step': 5, 'epoch': 5.0, 'loss': 1.0,
+                                                     'accuracy': val}) + '\n')
+      (run / 'summary.json').write_text(json.dumps({
+          'config': config, 'final_val_accuracy': val, 'test_accuracy': val - 0.01, 'epochs': 5.0,
+          'images_per_sec': 10.0 * batch, 'wall_time_s': 100.0}))
+  md = report.write_report(tmp_path).read_text()
+  rows = parse_table(md, '## Batch size')
+  assert [(r['model'], r['batch']) for r in rows] == [
+      (label, str(b)) for label in ('mobilenet_v2 (norm bn, clip none)', 'mobilenet_v2 (norm gn, clip none)',
+                                    'nf_mobilenet_v2 (norm none (NF), clip agc (lambda=0.16))')
+      for b in (2, 8, 64)]
+  assert [float(r['val error %']) for r in rows] == [errors[n][b] for n in ('bn', 'gn', 'nf') for b in (2, 8, 64)]
+  assert rows[0]['run'] == '`batch_sensitivity-normbn-batch2`' and rows[0]['test %'] == '29.00'
+  assert '- mobilenet_v2 (norm bn, clip none): 47.50% at batch 64 -> 70.00% at batch 2 (+22.50 points); range ' \
+         '22.50 points' in md
+  assert '- mobilenet_v2 (norm gn, clip none): 49.00% at batch 64 -> 50.00% at batch 2 (+1.00 points)' in md
+  assert_png(tmp_path / 'batch_size.png')
+
+
 def test_windows_with_null_values_are_left_out_of_the_curves(tmp_path):
   """metrics.jsonl writes NaN as null (a window whose every step was skipped)."""
   write_run(tmp_path / 'skipped', layer_blocks=())

@@ -114,14 +114,18 @@ def config(tfds_dir, shared_data_dir):
 
 
 class Spy:
-  """train.train_and_evaluate, recording (run dir name, train.num_epochs) of every call."""
+  """train.train_and_evaluate, recording (run dir name, train.num_epochs, test) of every call."""
 
   def __init__(self):
     self.calls = []
 
-  def __call__(self, config, workdir):
-    self.calls.append((pathlib.Path(workdir).name, config.train.num_epochs))
-    return train.train_and_evaluate(config, workdir)
+  def __call__(self, config, workdir, test=True):
+    self.calls.append((pathlib.Path(workdir).name, config.train.num_epochs, test))
+    return train.train_and_evaluate(config, workdir, test=test)
+
+
+def recorded_test_passes(run_dir):
+  return [r for r in metrics_io.read_jsonl(run_dir / 'metrics.jsonl') if r['kind'] == 'test']
 
 
 def val_epochs(run_dir):
@@ -140,16 +144,25 @@ def test_search_writes_outputs_and_resumes_without_redoing_trials(config, tmp_pa
   for t in finished(study):
     epochs = sorted(t.intermediate_values)
     assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) == (2 if t.state.name == 'COMPLETE' else 1)
-    # Trained one epoch per call, in its own run directory, and the values are its val records.
-    assert [c for c in spy.calls if c[0] == f'trial_{t.number}'] == [(f'trial_{t.number}', e) for e in epochs]
-    run = tmp_path / f'trial_{t.number}'
+    # Trained one epoch per call without the test pass, in its own run directory, and the values
+    # are its val records; a complete trial then evaluates test once, training nothing more.
+    name, complete = f'trial_{t.number}', t.state.name == 'COMPLETE'
+    assert [c for c in spy.calls if c[0] == name] == (
+        [(name, e, False) for e in epochs] + ([(name, epochs[-1], True)] if complete else []))
+    run = tmp_path / name
     assert val_epochs(run) == epochs
     val = [r['accuracy'] for r in metrics_io.read_jsonl(run / 'metrics.jsonl') if r['kind'] == 'val']
     assert [t.intermediate_values[e] for e in epochs] == val
-    if t.state.name == 'COMPLETE':
+    test = recorded_test_passes(run)
+    if complete:
       assert t.value == max(val)
+      assert len(test) == 1 and test[0]['step'] == 2 * len(epochs)  # after the last epoch's 2 steps
+      summary = metrics_io.read_json(run / 'summary.json')
+      assert t.user_attrs['test_accuracy'] == summary['test_accuracy'] == test[0]['accuracy']
+    else:
+      assert test == [] and not (run / 'summary.json').exists() and 'test_accuracy' not in t.user_attrs
   table = (tmp_path / 'trials.md').read_text()
-  assert '| trial | state | epochs | val accuracy |' in table
+  assert '| trial | state | epochs | val accuracy | last val | test accuracy |' in table
   assert all(f'\n| {t.number} | {t.state.name} |' in table for t in study.trials)
   assert (tmp_path / 'trials.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -180,7 +193,8 @@ def test_pruned_trial_stops_training_at_that_epoch(config, tmp_path):
   study = tune.run_search(config, tmp_path, 1, max_epochs=4, space=TINY, train_fn=spy, pruner=PruneAtEpoch(2))
   (trial,) = study.trials
   assert trial.state == tune.TrialState.PRUNED and sorted(trial.intermediate_values) == [1, 2]
-  assert spy.calls == [('trial_0', 1), ('trial_0', 2)]
+  assert spy.calls == [('trial_0', 1, False), ('trial_0', 2, False)]  # no test pass
+  assert recorded_test_passes(tmp_path / 'trial_0') == []
   run = tmp_path / 'trial_0'
   assert val_epochs(run) == [1.0, 2.0]
   assert sorted(int(p.name) for p in (run / 'checkpoints').iterdir() if p.name.isdigit()) == [4]  # 2 epochs x 2 steps
@@ -196,7 +210,7 @@ def test_killed_trial_is_rerun_from_its_checkpoint(config, tmp_path):
   trial = study.ask()
   run_config = tune.trial_config(config, tune.suggest(trial, TINY))
   run_config.train.num_epochs = 1
-  train.train_and_evaluate(run_config, str(tmp_path / 'trial_0'))
+  train.train_and_evaluate(run_config, str(tmp_path / 'trial_0'), test=False)
   epoch1 = tune.epoch_val_accuracy(tmp_path / 'trial_0')[1]
 
   spy = Spy()
@@ -205,7 +219,7 @@ def test_killed_trial_is_rerun_from_its_checkpoint(config, tmp_path):
   killed, rerun = study.trials
   assert killed.state == tune.TrialState.FAIL and rerun.state == tune.TrialState.COMPLETE
   assert rerun.params == params and rerun.user_attrs['retry_of'] == 0
-  assert spy.calls == [('trial_1', 2)]  # epoch 1 came from the checkpoint, not retrained
+  assert spy.calls == [('trial_1', 2, False), ('trial_1', 2, True)]  # epoch 1 came from the checkpoint
   assert rerun.intermediate_values[1] == epoch1 and sorted(rerun.intermediate_values) == [1, 2]
   assert not (tmp_path / 'trial_0').exists() and val_epochs(tmp_path / 'trial_1') == [1.0, 2.0]
   table = (tmp_path / 'trials.md').read_text()
@@ -239,9 +253,11 @@ def fake_train(val_epochs_written, checkpoint_epochs=None):
   """A train_fn writing what train_and_evaluate would: val records and checkpoint dirs (1 step/epoch)."""
   calls = []
 
-  def train_fn(config, workdir):
+  def train_fn(config, workdir, test=True):
     run, epoch = pathlib.Path(workdir), config.train.num_epochs
-    calls.append(epoch)
+    calls.append((epoch, test))
+    if test:  # the test pass of a complete trial: trains nothing
+      return {'test_accuracy': epoch / 100}
     run.mkdir(parents=True, exist_ok=True)
     if epoch in val_epochs_written:
       with open(run / 'metrics.jsonl', 'a') as f:
@@ -258,8 +274,9 @@ def test_trial_ends_at_its_last_whole_epoch_when_max_steps_stops_it(tmp_path):
   config = config_schema.load_config('configs/tune_mnist.py')
   study = tune.run_search(config, tmp_path, 1, max_epochs=7, train_fn=train_fn, pruner=optuna.pruners.NopPruner())
   (trial,) = study.trials
-  assert calls == [1, 2, 3] and trial.state == tune.TrialState.COMPLETE
+  assert calls == [(1, False), (2, False), (3, False), (2, True)] and trial.state == tune.TrialState.COMPLETE
   assert trial.intermediate_values == {1: 0.1, 2: 0.2} and trial.value == 0.2
+  assert trial.user_attrs['test_accuracy'] == 0.02  # evaluated at epoch 2, the last whole one
 
 
 def test_val_records_past_the_last_checkpoint_are_not_counted(tmp_path):
@@ -268,6 +285,6 @@ def test_val_records_past_the_last_checkpoint_are_not_counted(tmp_path):
   for epoch in (1, 2):
     config = config_schema.load_config('configs/tune_mnist.py')
     config.train.num_epochs = epoch
-    train_fn(config, tmp_path / 'run')
+    train_fn(config, tmp_path / 'run', test=False)
   assert tune.epoch_val_accuracy(tmp_path / 'run') == {1: 0.1}
   assert tune.epoch_val_accuracy(tmp_path / 'none') == {}

@@ -16,14 +16,20 @@ NormFactory = Callable[..., ModuleDef]  # norm(train=...) -> ModuleDef, e.g. par
 
 
 def dense(features: int, fan_in: int, init: str, dtype: Any, name: str) -> nn.Dense:
-  """nn.Dense initialised like torch's nn.Linear (`init='torch'`) or flax's default (`'flax'`).
+  """nn.Dense initialised like torch's nn.Linear (`init='torch'`), flax's default (`'flax'`) or 0.
 
   torch nn.Linear.reset_parameters: kaiming_uniform_(a=sqrt(5)) gives weights
   U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (gain sqrt(2/(1+5)) times sqrt(3/fan_in)), and the bias
   is U(-1/sqrt(fan_in), 1/sqrt(fan_in)). flax's default: lecun_normal weights, zero bias.
+  `'zeros'`: zero weights and bias, the NFNets classifier (deepmind-research nfnets/nfnet.py:
+  `hk.Linear(num_classes, w_init=jnp.zeros)`, haiku's bias init is zeros), so every logit is 0
+  at init. Only the final classifier may start at 0: a zero hidden layer would get no gradient.
   """
   if init == 'flax':
     return nn.Dense(features, dtype=dtype, name=name)
+  if init == 'zeros':
+    return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.zeros, name=name)
   if init != 'torch':
     raise ValueError(f'model.head_init = {init!r}; allowed: {", ".join(registry.HEAD_INITS)}')
   bound = 1.0 / fan_in ** 0.5

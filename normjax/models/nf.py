@@ -11,6 +11,9 @@ Without BatchNorm, signal variance is kept at ~1 by construction instead:
   analytically, so each branch sees unit-variance input and adds alpha^2.
 MobileNetV2's transition blocks (stride 2 or a channel change) have no residual,
 so their output f(h / beta) has unit variance again: the expected variance resets.
+The classifier on these features (models/heads.py) starts at zero under model.head_init=zeros,
+the NF scratch configs' default, as the reference's does (nfnets/nfnet.py:
+`hk.Linear(num_classes, w_init=jnp.zeros)`).
 """
 import math
 from typing import Any, Callable, Sequence
