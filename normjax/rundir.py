@@ -3,6 +3,7 @@
   <workdir>/config.json     the run's config (resume refuses a different one)
            metrics.jsonl    every train/val/test/layers record, appended
            summary.json     written when the run finishes
+           wall_time.json   training seconds up to each checkpointed step, summed over resumes
            checkpoints/     orbax steps (and corrupt-<step> moved aside)
            tensorboard/     the same records as TensorBoard events, where TensorFlow imports
            .normjax.lock    held by the running process
@@ -24,13 +25,14 @@ class RunDir:
   CONFIG: ClassVar[str] = 'config.json'
   METRICS: ClassVar[str] = 'metrics.jsonl'
   SUMMARY: ClassVar[str] = 'summary.json'
+  WALL_TIME: ClassVar[str] = 'wall_time.json'
   CHECKPOINTS: ClassVar[str] = 'checkpoints'
   TENSORBOARD: ClassVar[str] = 'tensorboard'
   LOCK: ClassVar[str] = '.normjax.lock'
   LANDSCAPE: ClassVar[str] = 'landscape'
   GRADCAM: ClassVar[str] = 'gradcam'
   # What training writes: `train.overwrite` removes exactly these.
-  RUN_FILES: ClassVar[tuple[str, ...]] = (METRICS, SUMMARY, CONFIG)
+  RUN_FILES: ClassVar[tuple[str, ...]] = (METRICS, SUMMARY, CONFIG, WALL_TIME)
   RUN_FOLDERS: ClassVar[tuple[str, ...]] = (CHECKPOINTS, TENSORBOARD)
 
   def __post_init__(self):
@@ -47,6 +49,10 @@ class RunDir:
   @property
   def summary(self) -> pathlib.Path:
     return self.path / self.SUMMARY
+
+  @property
+  def wall_time(self) -> pathlib.Path:
+    return self.path / self.WALL_TIME
 
   @property
   def checkpoints(self) -> pathlib.Path:

@@ -128,6 +128,24 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 60}m{seconds % 60:02d}s'
 
 
+def _wall_times(run: RunDir, start_step: int) -> dict[str, float] | None:
+  """{step: training seconds up to that checkpoint}, kept for steps up to `start_step`.
+
+  Resuming adds this process's time to the entry of the step it resumed from, so a run's
+  wall_time_s sums every process that trained it (minus work lost after the last checkpoint,
+  which is redone and counted again). None where an older run's file lacks the entry.
+  """
+  times = metrics_io.read_json(run.wall_time) if run.wall_time.exists() else {}
+  times = {k: v for k, v in times.items() if int(k) <= start_step}
+  if start_step == 0:
+    times['0'] = 0.0
+  if str(start_step) not in times:
+    logging.warning('%s has no training time for step %d (a run from before normjax recorded it): '
+                    'wall_time_s counts this process only', run.wall_time, start_step)
+    return None
+  return times
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        test: bool = True) -> dict[str, Any] | None:
   """Trains config's model, evaluates on validation each epoch and on test at the end.
@@ -241,12 +259,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
           f'and were skipped (train.on_nonfinite=skip), more than train.max_skipped_fraction={limit:g}: '
           f'the run is not learning. Lower optim.lr or enable optim.clip; {manager.last_good_text()}.')
 
+  step = int(state.step)
+  start_step, t0 = step, time.time()
+  wall_times = _wall_times(run, start_step)
+
   def save(step: int) -> None:
     check_finite()
     manager.save(step, state)  # stops the run with one line if the save fails (e.g. a full disk)
+    if is_chief and wall_times is not None:
+      wall_times[str(step)] = wall_times[str(start_step)] + time.time() - t0
+      metrics_io.write_json_atomic(run.wall_time, wall_times)
 
-  step = int(state.step)
-  start_step, t0 = step, time.time()
   throughput = _Throughput(step, batch_size)
   eval_seconds = None  # the last validation pass, for the ETA
   logging.info('compiling the train step: the first step includes compilation (minutes for '
@@ -303,7 +326,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     return metrics_io.read_json(summary_path)  # already finished: nothing to redo
   test_metrics = evaluate(test_split)
   log.write('test', step, step / steps_per_epoch, test_metrics)
-  train_time = time.time() - t0
+  train_time = time.time() - t0 + (wall_times[str(start_step)] if wall_times is not None else 0.0)
   summary = {
       'config': config.to_dict(),
       'test_accuracy': test_metrics['accuracy'],

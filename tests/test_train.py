@@ -252,3 +252,17 @@ def test_eta_leaves_compilation_out_and_counts_evaluation():
   assert t.eta(500, 5.0, 2, 1000, None) == pytest.approx(5.0 + 2 * 1000 / 300)
   fresh = train._Throughput(0, 10)  # no steady rate yet: the window's rate stands in
   assert fresh.eta(100, 50.0, 0, 0, None) == pytest.approx(2.0)
+
+
+def test_wall_time_sums_the_processes_that_trained_the_run(config, tmp_path):
+  config.train.num_epochs = 1
+  train.train_and_evaluate(config, str(tmp_path))
+  times = json.loads((tmp_path / 'wall_time.json').read_text())
+  assert sorted(times, key=int) == ['0', '6', '10'] and 0 < times['6'] < times['10']
+  times['10'] = 1000.0  # as if the first process had trained for 1000 s
+  (tmp_path / 'wall_time.json').write_text(json.dumps(times))
+  config.train.num_epochs = 2
+  start = time.time()
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert 1000.0 < summary['wall_time_s'] < 1000.0 + time.time() - start
+  assert json.loads((tmp_path / 'wall_time.json').read_text())['20'] > 1000.0
