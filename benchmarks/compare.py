@@ -23,17 +23,30 @@ MobileNetV2, a LightCNN, the study's head with FRN), the same preprocessing and 
 a torch user would: channels_last, `model.train()` / `inference_mode`, `zero_grad(set_to_none)`.
 Weights are random (speed does not depend on their values).
 
-Where the time goes (XLA CPU, jax 0.10, 2 Sapphire Rapids cores; jax.profiler trace of the
-224 px batch-16 full train step before this module's changes, thunk time per op class):
-  depthwise 3x3 (fwd + kernel gradient)  ~54%: the kernel gradient was 9 per-tap reductions, and
-      XLA materialized each tap (recomputing the producer's BN + ReLU6 each time) before a
-      per-tap YNNPACK reduce; the forward and input-gradient tap sums fuse into one loop each.
-  BatchNorm + ReLU6 fwd / bwd            ~19% / ~15%: autodiff of the two-pass formula saves
-      full-size intermediates and runs several reductions per layer.
-  1x1 conv fwd / bwd                     ~6% / ~4%: YNNPACK GEMMs (PointwiseConv is a matmul,
-      and both its gradients are GEMMs too).
-  stem conv fwd + bwd                    ~1%.
-  optimizer (Adam, every param)          <1%.
+Where the time goes (XLA CPU, jax 0.10.2, 2 shared Sapphire Rapids cores): share of thunk time
+per op class in a jax.profiler trace of the 224 px batch-16 fp32 full train step, ops assigned
+to layers by their HLO op_name metadata (`jax.jit(f).lower(...).compile().as_text()`):
+  op class               before   after   what it was
+  depthwise 3x3 fwd        47%     12%    mostly not the forward: the kernel gradient's 9 per-tap
+                                          reductions made XLA materialize every tap of the padded
+                                          input (recomputing its producer BN + ReLU6 each time),
+                                          and these fusions carry the forward's metadata
+  depthwise 3x3 bwd         7%     16%    the per-tap YNNPACK reduces; now a loop over
+                                          L2-sized batch chunks (normjax/models/depthwise.py)
+  BN + ReLU6 fwd           19%     29%    mean, then (x - mean) written out for the variance's
+                                          YNNPACK reduce, then the ReLU6 output (kept for the
+                                          depthwise backward)
+  BN + ReLU6 bwd           15%     13%    autodiff of the two-pass formula saved full-size
+                                          intermediates; now a custom VJP (normjax/models/norms.py)
+  1x1 conv fwd / bwd      6% / 4%  13% / 5%  YNNPACK GEMMs: PointwiseConv is a matmul and both
+                                          its gradients are GEMMs too
+  stem 3x3 conv fwd + bwd   1%      4%    YNNPACK convolution (an im2col GEMM measured no faster)
+  optimizer (Adam)         <1%      2%
+("after" shares are of a step that takes about half the time.) XLA flags tried as compile
+options on the same step in one process, none faster than the defaults: xla_cpu_enable_fast_math
+(0.96x, full224), xla_cpu_experimental_ynn_fusion_type without REDUCE (0.8x: XLA's own
+reductions are slower than YNNPACK's), xla_cpu_use_xnnpack=false (0.8x, cifar),
+xla_cpu_use_onednn=true (0.8x, cifar). So normjax sets no XLA flag.
 """
 import argparse
 import os
