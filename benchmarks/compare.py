@@ -47,7 +47,10 @@ the BatchNorm VJP makes a 1x1 conv + BN + ReLU6 train layer 1.4-1.5x faster (16x
 64x16x16x384); the chunked kernel gradient takes the full224 step from 0.62x to 0.82x of torch.
 bf16 (config.model.dtype) is slower than fp32 here: in the CIFAR-stem step ~20% of the thunk time
 is standalone bf16 <-> f32 converts between fusions (XLA CPU computes elementwise ops in f32), and
-the bf16 GEMMs are no faster than fp32's (1x1 conv fwd 375 vs 191 ms/step, separate traces).
+the bf16 GEMMs are no faster than fp32's (1x1 conv fwd 375 vs 191 ms/step, separate traces):
+XLA converts both bf16 operands to f32 copies and runs an f32 GEMM. Asking for an f32 result
+(`preferred_element_type`) keeps the operands bf16 and makes a bare GEMM 1.2x faster, but the
+bf16 steps slower (cifar train 0.84x, eval224 0.93x, one process), so PointwiseConv does not.
 XLA flags tried as compile
 options on the same step in one process, none faster than the defaults: xla_cpu_enable_fast_math
 (0.96x, full224), xla_cpu_experimental_ynn_fusion_type without REDUCE (0.8x: XLA's own
