@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from normjax.models import depthwise
 from normjax.models.depthwise import (DepthwiseConv, depthwise_conv2d, depthwise_conv2d_taps,
                                       depthwise_conv2d_xla)
 
@@ -38,6 +39,17 @@ def test_taps_equal_grouped_conv_forward_and_gradients(shape, k, stride, padding
   assert y.shape == y_ref.shape
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape,k,stride,padding', CASES[:2])
+def test_kernel_gradient_over_batch_chunks(shape, k, stride, padding, monkeypatch):
+  """The kernel gradient summed chunk by chunk (one image per chunk) equals the grouped conv's."""
+  monkeypatch.setattr(depthwise, '_KERNEL_GRAD_CHUNK_BYTES', 1)  # every chunk is one image
+  x, kernel = _inputs((4, *shape[1:]), k)
+  loss = lambda conv: lambda w: jnp.sum(conv(x, w, stride=stride, padding=padding) ** 2)
+  dk = jax.grad(loss(depthwise_conv2d_taps))(kernel)
+  dk_ref = jax.grad(loss(depthwise_conv2d_xla))(kernel)
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-4)
 
 

@@ -180,6 +180,37 @@ def test_bn_matches_torch_over_train_steps_then_eval(shape):
   np.testing.assert_allclose(y_eval, from_torch(torch_bn(to_torch(x))), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('shape', SHAPES)
+def test_bn_train_gradients_match_torch(shape):
+  """The custom VJP's gradients wrt input, scale and bias equal torch autograd's."""
+  c = shape[-1]
+  x = _data(shape, seed=5)
+  rng = np.random.default_rng(6)
+  scale = (rng.normal(size=c) * 0.3 + 1.0).astype(np.float32)
+  bias = rng.normal(size=c).astype(np.float32)
+  cotangent = rng.normal(size=shape).astype(np.float32)
+  norm_train = norms.make_norm('bn', train=True)
+  stats = _init(norm_train, x)['batch_stats']
+
+  def loss(x, scale, bias):
+    y, _ = norm_train(name='n').apply({'params': {'scale': scale, 'bias': bias},
+                                       'batch_stats': stats}, x, mutable=['batch_stats'])
+    return jnp.sum(y * cotangent)
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
+  to_nchw = (lambda a: a) if len(shape) == 2 else (lambda a: np.moveaxis(a, -1, 1))
+  torch_bn = torch.nn.BatchNorm1d(c) if len(shape) == 2 else torch.nn.BatchNorm2d(c)
+  with torch.no_grad():
+    torch_bn.weight.copy_(torch.from_numpy(scale))
+    torch_bn.bias.copy_(torch.from_numpy(bias))
+  tx = torch.from_numpy(to_nchw(x).copy()).requires_grad_()
+  (torch_bn(tx) * torch.from_numpy(to_nchw(cotangent).copy())).sum().backward()
+  dx = tx.grad.numpy() if len(shape) == 2 else np.moveaxis(tx.grad.numpy(), 1, -1)
+  np.testing.assert_allclose(grads[0], dx, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(grads[1], torch_bn.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads[2], torch_bn.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_bn_train_needs_two_values_per_channel():
   norm = norms.make_norm('bn', train=True)
   with pytest.raises(ValueError, match='more than 1 value per channel'):
