@@ -9,7 +9,8 @@ backbone. Recipe: real MNIST IDX files (`mnist_idx`), 80/20 train/val split,
 pixels / 255 (data.normalize=False), no augmentation, Adam 1e-3 (Keras' default),
 15 epochs (section 5). The seed gives no batch size: 64 here (Keras' fit()
 default would be 32).
-Expected: not yet measured here (the seed reports train accuracy 0.9987 after 15 epochs).
+Expected: 99.23% test accuracy (best val 99.27%), 130,890 params, measured here on 2 shared CPU
+cores (README "The seed's MNIST table"); the seed reports train accuracy 0.9987 after 15 epochs.
 Argument: `:quick` (base.quick: 1,024 training images, 20 steps), a CPU-minute pipeline check:
   NORMJAX_DATA_DIR=../shared/data python -m normjax.main --config=configs/cnn_mnist.py:quick --workdir=workdir/quick/cnn_mnist
 """
