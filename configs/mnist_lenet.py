@@ -9,7 +9,8 @@ data.normalize=False, no augmentation), CrossEntropy, Adam, 50 epochs. The seed
 gives no LR or batch size: Adam's default 1e-3 and batch 64 here.
 Layout (models/seed_cnns.py; the seed gives none): LeNet-5 with ReLU, max-pooling
 and a 200-unit first FC layer.
-Expected: not yet measured here (the seed's comparison table: ~99%).
+Expected: 99.14% test accuracy, 100,506 params (measured here on 2 shared CPU cores, README "The
+seed's MNIST table"; the seed's comparison table: ~99%).
 Argument: `:quick` (base.quick: 1,024 training images, 20 steps), a CPU-minute pipeline check:
   NORMJAX_DATA_DIR=../shared/data python -m normjax.main --config=configs/mnist_lenet.py:quick --workdir=workdir/quick/mnist_lenet
 """
