@@ -46,16 +46,11 @@ def clipped(config: ml_collections.ConfigDict, params: Any, grads: Any) -> Any:
   return out
 
 
-def block_of(path: Sequence[Any]) -> str:
-  """'backbone/features_3' for any param under it; a head layer ('head/fc1') for the head."""
-  return '/'.join(monitor.path_names(path)[:2])
-
-
 def by_block(grads: Any, trained: Any) -> dict[str, tuple[np.ndarray, bool]]:
   """block -> (every gradient element as a flat float64 array, whether the block trains)."""
   parts, trains = collections.defaultdict(list), {}
   for (path, g), t in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(trained)):
-    block = block_of(path)
+    block = report.block_of(monitor.layer_name(path))  # 'backbone/features_3', 'head/fc1'
     parts[block].append(np.asarray(g, dtype=np.float64).ravel())
     trains[block] = trains.get(block, False) or bool(t)
   return {b: (np.concatenate(v), trains[b]) for b, v in parts.items()}

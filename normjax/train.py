@@ -262,12 +262,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   step = int(state.step)
   start_step, t0 = step, time.time()
   wall_times = _wall_times(run, start_step)
+  time_before = wall_times[str(start_step)] if wall_times is not None else 0.0  # earlier processes
 
   def save(step: int) -> None:
     check_finite()
     manager.save(step, state)  # stops the run with one line if the save fails (e.g. a full disk)
     if is_chief and wall_times is not None:
-      wall_times[str(step)] = wall_times[str(start_step)] + time.time() - t0
+      wall_times[str(step)] = time_before + time.time() - t0
       metrics_io.write_json_atomic(run.wall_time, wall_times)
 
   throughput = _Throughput(step, batch_size)
@@ -326,7 +327,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     return metrics_io.read_json(summary_path)  # already finished: nothing to redo
   test_metrics = evaluate(test_split)
   log.write('test', step, step / steps_per_epoch, test_metrics)
-  train_time = time.time() - t0 + (wall_times[str(start_step)] if wall_times is not None else 0.0)
+  train_time = time_before + time.time() - t0
   summary = {
       'config': config.to_dict(),
       'test_accuracy': test_metrics['accuracy'],
