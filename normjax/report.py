@@ -1,6 +1,8 @@
-"""The comparison report: every run under a directory -> report.md + PNGs.
+"""The comparison report: every run under one or more directories -> report.md + PNGs.
 
-  python -m normjax.report WORKDIR [--out=DIR]
+  python -m normjax.report WORKDIR [WORKDIR...] [--out=DIR]
+
+Runs whose configs differ only in `seed` are also summarised as mean +- std over their seeds.
 
 A run is any directory holding `summary.json` (finished) or only
 `metrics.jsonl` (in progress, or stopped before the end): normjax.runs reads them and
@@ -11,6 +13,7 @@ the global backend.
 """
 import argparse
 import collections
+import json
 import math
 import pathlib
 import sys
@@ -436,20 +439,86 @@ def batch_size_section(runs: list[Run], out: pathlib.Path) -> list[str]:
           f'![batch size comparison]({BATCH_SIZE_PNG})']
 
 
-def write_report(root: str | pathlib.Path, out_dir: str | pathlib.Path | None = None
-                 ) -> pathlib.Path:
-  """Writes report.md and its PNGs for every run under `root` into `out_dir` (default root)."""
-  root = pathlib.Path(root)
-  runs = find_runs(root)
-  if not runs:
-    raise ValueError(f'no runs under {root}: no directory holds summary.json or metrics.jsonl')
-  out = pathlib.Path(out_dir) if out_dir is not None else root
+def seed_groups(runs: list[Run]) -> list[list[Run]]:
+  """Finished runs whose configs are equal but for `seed`, in groups of two or more seeds."""
+  groups = collections.defaultdict(list)
+  for run in runs:
+    if run.finished and run.config:
+      groups[json.dumps({k: v for k, v in run.config.items() if k != 'seed'}, sort_keys=True)].append(run)
+  return [sorted(g, key=lambda r: (r.cfg('seed'), r.name)) for g in groups.values()
+          if len({r.cfg('seed') for r in g}) >= 2]
+
+
+def fmt_mean_std(values: Sequence[float | None]) -> str:
+  """'80.36 +- 0.12' in % over the known values (sample std, n - 1); n/a when none is known."""
+  known = [100 * v for v in values if v is not None]
+  if not known:
+    return NA
+  if len(known) == 1:
+    return f'{known[0]:.2f}'
+  return f'{np.mean(known):.2f} ± {np.std(known, ddof=1):.2f}'
+
+
+def seeds_section(runs: list[Run]) -> list[str]:
+  """Mean +- std over seeds of every config run with several seeds, best mean final val first."""
+  rows = []
+  for group in seed_groups(runs):
+    stats = [run_stats(r) for r in group]
+    label = study_run(group[0]) or pathlib.PurePath(group[0].name).name
+    finals = [st.final_val for st in stats]
+    rows.append((float(np.mean([v for v in finals if v is not None] or [math.nan])), (
+        label, ', '.join(str(r.cfg('seed')) for r in group), len(group), fmt_mean_std(finals),
+        fmt_mean_std([st.test for st in stats]), fmt_mean_std([st.epoch1_val for st in stats]),
+        ' / '.join(fmt_pct(v) for v in finals), ', '.join(f'`{r.name}`' for r in group))))
+  if not rows:
+    return []
+  rows.sort(key=lambda r: -r[0] if not math.isnan(r[0]) else math.inf)
+  return ['## Seeds', '', *md_table(
+      ('config', 'seeds', 'n', 'final val %', 'test %', 'epoch-1 val %', 'final val % per seed', 'runs'),
+      [r for _, r in rows]), '',
+      'Runs whose configs differ only in `seed` (which draws the train/val split, the augmentations, '
+      'the head init, dropout and the batch order): mean ± sample standard deviation (n - 1) over '
+      'the seeds, best mean final val first.']
+
+
+def write_report(roots: str | pathlib.Path | Sequence[str | pathlib.Path],
+                 out_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+  """Writes report.md and its PNGs for every run under `roots` into `out_dir`.
+
+  `out_dir` defaults to the root when there is one. With several roots every run is named
+  `<root name>/<run>`, and `out_dir` is required.
+  """
+  if isinstance(roots, (str, pathlib.Path)):
+    roots = [roots]
+  roots = [pathlib.Path(r) for r in roots]
+  if not roots:
+    raise ValueError('no run directory given')
+  if out_dir is None and len(roots) > 1:
+    raise ValueError(f'{len(roots)} run directories given: name the report\'s directory with out_dir (--out)')
+  runs = []
+  for root in roots:
+    found = find_runs(root)
+    if not found:
+      raise ValueError(f'no runs under {root}: no directory holds summary.json or metrics.jsonl')
+    if len(roots) > 1:
+      for run in found:
+        run.name = f'{root.resolve().name}/{run.name}'
+    runs += found
+  if len({r.name for r in runs}) < len(runs):
+    raise ValueError(f'run names repeat across {", ".join(map(str, roots))}: give directories '
+                     f'with different names')
+  out = pathlib.Path(out_dir) if out_dir is not None else roots[0]
   out.mkdir(parents=True, exist_ok=True)
   style = styles(runs)
   done = sum(r.finished for r in runs)
+  where = ', '.join(f'`{root}`' for root in roots)
   lines = ['# normjax comparison report', '',
-           f'`{root}`: {len(runs)} runs, {done} done, {len(runs) - done} in progress.', '']
-  lines += runs_section(runs) + [''] + study_section() + ['', '## Curves', '']
+           f'{where}: {len(runs)} runs, {done} done, {len(runs) - done} in progress.', '']
+  lines += runs_section(runs) + [''] + study_section()
+  seeds = seeds_section(runs)
+  if seeds:
+    lines += [''] + seeds
+  lines += ['', '## Curves', '']
   if plot_curves(runs, style, out / CURVES_PNG):
     lines += ['Solid: no clipping; dashed: global-norm clipping; dash-dot: AGC.', '',
               f'![curves]({CURVES_PNG})']
@@ -468,10 +537,14 @@ def write_report(root: str | pathlib.Path, out_dir: str | pathlib.Path | None = 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m normjax.report', description=__doc__.split(
       '\n')[0])
-  parser.add_argument('workdir', help='directory searched recursively for runs')
-  parser.add_argument('--out', default=None, help='output directory (default: WORKDIR)')
+  parser.add_argument('workdirs', nargs='+', metavar='WORKDIR',
+                      help='directories searched recursively for runs')
+  parser.add_argument('--out', default=None, help='output directory (default: the one WORKDIR)')
   args = parser.parse_args(argv)
-  path = write_report(args.workdir, args.out)
+  try:
+    path = write_report(args.workdirs, args.out)
+  except (ValueError, FileNotFoundError) as e:
+    parser.exit(2, f'error: {e}\n')
   print(f'wrote {path}')
   return 0
 

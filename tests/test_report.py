@@ -27,8 +27,11 @@ def write_run(path: pathlib.Path, *, overrides: dict | None = None, epochs: int 
   config = base_config()
   config['train']['num_epochs'] = epochs
   for dotted, value in (overrides or {}).items():
-    section, key = dotted.split('.')
-    config[section][key] = value
+    *sections, key = dotted.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[key] = value
   clip = config['optim']['clip']
   steps_per_epoch, windows = 100, 4
   records, step = [], 0
@@ -392,3 +395,43 @@ def test_sharpness_column_reads_the_runs_landscape(tmp_path):
   surface.save(tmp_path / 'with' / 'landscape' / 'surface_1d_p21_s1.0_val_n100_seed0_biasbn0.npz')
   rows = {r['run'].strip('`'): r for r in parse_table(report.write_report(tmp_path).read_text(), '## Runs')}
   assert rows['with']['sharpness'] == '0.5' and rows['without']['sharpness'] == 'n/a'
+
+
+def test_seeds_section_gives_mean_and_std_over_runs_that_differ_only_in_seed(tmp_path, capsys):
+  """Seed 0 in one workdir, seeds 1 and 2 in another (as workdir/study and workdir/study_seeds)."""
+  finals = {'frn_noclip': (0.80, 0.81, 0.795), 'bn_clip': (0.805, 0.812, 0.809)}
+  summaries = {name: [] for name in finals}
+  for name, values in finals.items():
+    norm, clip, _ = STUDY_SIX[name]
+    for seed, final in enumerate(values):
+      path = (tmp_path / 'study' / name if seed == 0 else
+              tmp_path / 'study_seeds' / f'seed{seed}' / name)
+      summaries[name].append(write_run(path, layer_blocks=(), acc=(0.7, final), seed=seed,
+                                       overrides={'seed': seed, 'model.head_norm': norm,
+                                                  'optim.clip': clip}))
+  # Same seed 1 but another LR: a different config, in no group.
+  write_run(tmp_path / 'study_seeds' / 'seed1' / 'frn_lr', layer_blocks=(), acc=(0.7, 0.5),
+            overrides={'seed': 1, 'model.head_norm': 'frn', 'optim.lr': 3e-3})
+  out = tmp_path / 'report'
+  md = report.write_report([tmp_path / 'study', tmp_path / 'study_seeds'], out).read_text()
+  rows = parse_table(md, '## Seeds')
+  assert [r['config'] for r in rows] == ['BN-Clip', 'FRN-NoClip']  # best mean final val first
+  for row, name in zip(rows, ('bn_clip', 'frn_noclip')):
+    assert row['seeds'] == '0, 1, 2' and row['n'] == '3'
+    for column, key in (('final val %', 'final_val_accuracy'), ('test %', 'test_accuracy'),
+                        ('epoch-1 val %', 'epoch1_val_accuracy')):
+      values = 100 * np.array([s[key] for s in summaries[name]])
+      mean, std = (float(x) for x in row[column].split(' ± '))
+      assert mean == pytest.approx(values.mean(), abs=5e-3)
+      assert std == pytest.approx(values.std(ddof=1), abs=5e-3)
+    assert row['runs'] == (f'`study/{name}`, `study_seeds/seed1/{name}`, '
+                           f'`study_seeds/seed2/{name}`')
+  assert '`study_seeds/seed1/frn_lr`' in {r['run'] for r in parse_table(md, '## Runs')}
+  assert 'frn_lr' not in md.split('## Seeds', 1)[1].split('## Curves', 1)[0]
+  # One workdir of one seed each: no section.
+  assert '## Seeds' not in report.write_report(tmp_path / 'study').read_text()
+  # Several workdirs need --out; the CLI says so in one line and exits 2.
+  with pytest.raises(SystemExit) as e:
+    report.main([str(tmp_path / 'study'), str(tmp_path / 'study_seeds')])
+  assert e.value.code == 2
+  assert 'out' in capsys.readouterr().err
