@@ -486,7 +486,7 @@ def write_report(roots: str | pathlib.Path | Sequence[str | pathlib.Path],
   """Writes report.md and its PNGs for every run under `roots` into `out_dir`.
 
   `out_dir` defaults to the root when there is one. With several roots every run is named
-  `<root name>/<run>`, and `out_dir` is required.
+  `<root name>/<run>` (a root that is a run: `<root name>`), and `out_dir` is required.
   """
   if isinstance(roots, (str, pathlib.Path)):
     roots = [roots]
@@ -501,8 +501,8 @@ def write_report(roots: str | pathlib.Path | Sequence[str | pathlib.Path],
     if not found:
       raise ValueError(f'no runs under {root}: no directory holds summary.json or metrics.jsonl')
     if len(roots) > 1:
-      for run in found:
-        run.name = f'{root.resolve().name}/{run.name}'
+      for run in found:  # a root that is itself a run keeps its own name
+        run.name = root.resolve().name + ('' if run.path == root else f'/{run.name}')
     runs += found
   if len({r.name for r in runs}) < len(runs):
     raise ValueError(f'run names repeat across {", ".join(map(str, roots))}: give directories '

@@ -428,6 +428,10 @@ def test_seeds_section_gives_mean_and_std_over_runs_that_differ_only_in_seed(tmp
                            f'`study_seeds/seed2/{name}`')
   assert '`study_seeds/seed1/frn_lr`' in {r['run'] for r in parse_table(md, '## Runs')}
   assert 'frn_lr' not in md.split('## Seeds', 1)[1].split('## Curves', 1)[0]
+  # Run directories as roots keep their names.
+  md = report.write_report([tmp_path / 'study' / 'bn_clip', tmp_path / 'study_seeds'], out).read_text()
+  assert parse_table(md, '## Seeds')[0]['runs'] == (
+      '`bn_clip`, `study_seeds/seed1/bn_clip`, `study_seeds/seed2/bn_clip`')
   # One workdir of one seed each: no section.
   assert '## Seeds' not in report.write_report(tmp_path / 'study').read_text()
   # Several workdirs need --out; the CLI says so in one line and exits 2.
