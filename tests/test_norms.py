@@ -211,6 +211,51 @@ def test_bn_train_gradients_match_torch(shape):
   np.testing.assert_allclose(grads[2], torch_bn.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
+def _two_pass_float64(x):
+  axes = tuple(range(x.ndim - 1))
+  x = x.astype(np.float64)
+  mean = x.mean(axis=axes)
+  return mean, np.square(x - mean).mean(axis=axes)
+
+
+@pytest.mark.parametrize('shift, std, shift0_fails', [(1.5, 3.0, False), (1e3, 1e-1, True)])
+def test_bn_train_statistics_match_float64_two_pass(shift, std, shift0_fails):
+  """Batch mean and variance within float32 rounding of a float64 two-pass reference.
+
+  Mean 1e3 with std 0.1 is the hard case: E[x^2] - E[x]^2 (a one-pass formula with shift 0,
+  flax's use_fast_variance) cancels a 1e6 to 1e-2 in float32 and misses by over 100%.
+  """
+  shape = (16, 8, 8, 6)
+  x = _data(shape, seed=7, scale=std, shift=shift)
+  c, axes = shape[-1], (0, 1, 2)
+  mean, var = jax.jit(lambda x: norms.batch_norm_train(x, jnp.ones(c), jnp.zeros(c), 1e-5)[1:])(x)
+  ref_mean, ref_var = _two_pass_float64(x)
+  np.testing.assert_allclose(mean, ref_mean, rtol=1e-6, atol=1e-6 * std)
+  np.testing.assert_allclose(var, ref_var, rtol=1e-5)
+  shift0 = jax.jit(lambda x: jnp.mean(x * x, axis=axes) - jnp.square(jnp.mean(x, axis=axes)))(x)
+  assert (np.max(np.abs(shift0 - ref_var) / ref_var) > 1e-5) == shift0_fails
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_bn_train_custom_vjp_matches_autodiff(shape):
+  """The custom VJP equals autodiff of the plain formula, with cotangents on all three outputs."""
+  c = shape[-1]
+  rng = np.random.default_rng(8)
+  x = _data(shape, seed=8)
+  scale = (rng.normal(size=c) * 0.3 + 1.0).astype(np.float32)
+  bias = rng.normal(size=c).astype(np.float32)
+  cotangents = [rng.normal(size=s).astype(np.float32) for s in (shape, (c,), (c,))]
+
+  def loss(bn):
+    return lambda *args: sum(jnp.sum(out * ct) for out, ct in zip(bn(*args, 1e-5), cotangents))
+
+  grads = jax.jit(jax.grad(loss(norms.batch_norm_train), argnums=(0, 1, 2)))(x, scale, bias)
+  plain = norms._batch_norm_train  # pylint: disable=protected-access
+  expected = jax.jit(jax.grad(loss(plain), argnums=(0, 1, 2)))(x, scale, bias)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bn_train_needs_two_values_per_channel():
   norm = norms.make_norm('bn', train=True)
   with pytest.raises(ValueError, match='more than 1 value per channel'):

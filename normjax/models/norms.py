@@ -81,13 +81,20 @@ def _batch_norm_train(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray,
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=axes)
   var = jnp.mean(jnp.square(x32 - mean), axis=axes)  # two-pass: no cancellation
-  y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
+  # x + (-mean) is bitwise x - mean, but a different HLO op: see _batch_norm_train_bwd.
+  y = (x32 + (-mean)) * jax.lax.rsqrt(var + epsilon)
   return y * scale.astype(jnp.float32) + bias.astype(jnp.float32), mean, var
 
 
 # Autodiff of the formula above saves full-size intermediates and runs more reductions than the
 # gradient needs; the custom VJP keeps only x and per-channel values and makes two fused passes
 # (sum(dy), sum(dy * xhat), then dx): 1.4-1.5x faster conv + BN + ReLU6 train layers on CPU.
+#
+# XLA CPU fuses a subtract into a YNNPACK reduce only when nothing else uses it; a shared
+# x - mean is written out instead. Each of the two reduces over x - mean (the variance, dscale)
+# therefore gets its own, while y and dx (elementwise, fused anyway) use x + (-mean). With one
+# shared x - mean, that full-size buffer lived from the forward to the backward of every BN:
+# a third of a MobileNetV2 train step's temp memory and page faults (benchmarks/compare.py).
 batch_norm_train = jax.custom_vjp(_batch_norm_train, nondiff_argnums=(3,))
 
 
@@ -102,9 +109,11 @@ def _batch_norm_train_bwd(epsilon, residuals, cotangents):
   axes = tuple(range(x.ndim - 1))
   n = x.size // x.shape[-1]
   rstd = jax.lax.rsqrt(var + epsilon)
-  xc = x.astype(jnp.float32) - mean
+  x32 = x.astype(jnp.float32)
   dbias = jnp.sum(dy, axis=axes)
-  dscale = jnp.sum(dy * xc, axis=axes) * rstd  # sum(dy * xhat)
+  # The barrier keeps XLA from merging this x - mean with the forward variance's.
+  dscale = jnp.sum(dy * (x32 - jax.lax.optimization_barrier(mean)), axis=axes) * rstd
+  xc = x32 + (-mean)
   # d/dx of y = xhat * scale + bias, with xhat's mean and variance depending on x, plus the
   # terms from the mean and variance outputs (the running statistics; zero in a train step).
   dx = (scale.astype(jnp.float32) * rstd) * (dy - dbias / n - xc * (rstd * dscale / n))
