@@ -45,6 +45,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import ml_collections
@@ -377,10 +378,11 @@ def write_plot(study: optuna.Study, path: pathlib.Path) -> None:
   fig = Figure(figsize=(12, 4.5))  # no pyplot: the global backend stays as it is
   curves, best_ax = fig.subplots(1, 2)
   styles = {TrialState.COMPLETE: '-', TrialState.PRUNED: '--'}
-  for t in trials:
+  palette = colormaps['tab20'].colors  # 20 distinct colours: tab10 repeats from the 11th trial
+  for i, t in enumerate(trials):
     epochs = sorted(t.intermediate_values)
     curves.plot(epochs, [t.intermediate_values[e] for e in epochs], styles.get(t.state, ':'), marker='o',
-                markersize=3, label=f'{t.number} ({t.state.name.lower()})')
+                markersize=3, color=palette[i % len(palette)], label=f'{t.number} ({t.state.name.lower()})')
   curves.set(xlabel='epoch', ylabel='val accuracy',
              title='val accuracy per epoch (solid: complete, dashed: pruned, dotted: failed/running)')
   curves.title.set_fontsize(9)
