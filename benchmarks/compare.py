@@ -76,6 +76,13 @@ measured 0.98-0.99x of the unfolded model on the cache build, eval224 and study 
 windows alternating in one process: XLA CPU already fuses eval BN + ReLU6 (+ the next pad) into
 one loop fusion after each GEMM or depthwise sum (identical fusion layout in the compiled HLO), so
 folding saves a few flops per element, never a pass over the activations. It is not in normjax.
+glibc malloc (normjax/cpu_malloc.py): XLA CPU's per-step temp buffers were unmapped on free and
+page-faulted in again every step. With mallopt M_ARENA_MAX=1, M_MMAP_MAX=0 and a 2 GiB trim threshold
+set at runtime (normjax.main/sweep/tune do so on CPU, before jax starts its threads), the normjax
+fp32 step, 5 steps after warm-up in separate processes run A/B/A/B interleaved (2 shared cores):
+full224 1409/922 -> 657/613 ms and 213k -> 0 minor faults per step; cifar 955/961 -> 720/709 ms
+(209k -> 0); cached 51 -> 41 ms (8.6k -> 0). Without M_ARENA_MAX=1 (XLA's threads' own arenas), or
+set after jax initialized its backend, faults stay at 213k and the step time is unchanged.
 """
 import argparse
 import os

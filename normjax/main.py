@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from normjax import config_schema, errors, metrics_io
+from normjax import config_schema, cpu_malloc, errors, metrics_io
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -65,6 +65,7 @@ def main(argv: list[str]) -> None:
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, _preempted_outside_loop)
   metrics_io.quiet_library_logs()
+  cpu_malloc.tune_malloc_on_cpu()  # before jax starts its threads
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:

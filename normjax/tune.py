@@ -51,7 +51,7 @@ from matplotlib.ticker import MaxNLocator
 import ml_collections
 import optuna
 
-from normjax import checkpoint, config_schema, errors, metrics_io, runs, train
+from normjax import checkpoint, config_schema, cpu_malloc, errors, metrics_io, runs, train
 from normjax.models import tunable_cnn
 from normjax.rundir import RunDir
 
@@ -452,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   metrics_io.quiet_library_logs()
   for s in (signal.SIGTERM, signal.SIGINT):  # the train loop swaps in its own (checkpoint first)
     signal.signal(s, _preempted)
+  cpu_malloc.tune_malloc_on_cpu()
   try:
     config = config_schema.apply_overrides(config_schema.load_config(args.config), args.set)
     run_search(config, workdir, args.trials, max_epochs=args.max_epochs, sampler=args.sampler)
