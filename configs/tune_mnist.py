@@ -25,7 +25,7 @@ that net's cost on average over the space (its largest nets cost ~4x) gives 30-6
 15 trials: 15-30 min on two free cores, 30-60 min beside one busy niced job. Here the cores were
 so loaded that wall time ran 2.5-5x the CPU time.
 For the seed's full data (a GPU): `--set=data.train_subset=0 --set=data.val_fraction=0.2`.
-Measured (2026-11-24, 2 shared CPU cores, the command above): 15 trials (10 complete, 5 pruned)
+Expected, as measured (2026-11-24, 2 shared CPU cores, the command above): 15 trials (10 complete, 5 pruned)
 in 52 min 53 s, best val accuracy 0.9727 (test 0.9745), docs/tune_mnist/trials.md. The seed's best:
 0.9887 on full MNIST (12x the training images).
 Argument: `:quick` (base.quick's 20 steps per trial, here 2 epochs of 320 images), a CPU-minutes check:
