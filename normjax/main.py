@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from normjax import config_schema, cpu_malloc, errors, metrics_io
+from normjax import config_schema, errors, startup
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -64,18 +64,17 @@ def main(argv: list[str]) -> None:
   # SIGINT end the run with the same one line and exit code as a preemption mid-run.
   for s in (signal.SIGTERM, signal.SIGINT):
     signal.signal(s, _preempted_outside_loop)
-  metrics_io.quiet_library_logs()
-  cpu_malloc.tune_malloc_on_cpu()  # before jax starts its threads
   if len(argv) > 1:
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  workdir = _WORKDIR.value or str(pathlib.Path('workdir') / config_schema.config_stem(
+      config_flags.get_config_filename(FLAGS['config'])))
+  logging.info('workdir: %s%s; rerun the same command to resume', pathlib.Path(workdir).absolute(),
+               '' if _WORKDIR.value else ' (from the config name; --workdir overrides)')
+  startup.prepare_process()
   try:
     # Imported under the handlers above: importing jax and orbax takes seconds.
     from normjax import parallel, train  # pylint: disable=g-import-not-at-top
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    workdir = _WORKDIR.value or str(pathlib.Path('workdir') / config_schema.config_stem(
-        config_flags.get_config_filename(FLAGS['config'])))
-    logging.info('workdir: %s%s; rerun the same command to resume', pathlib.Path(workdir).absolute(),
-                 '' if _WORKDIR.value else ' (from the config name; --workdir overrides)')
     train.train_and_evaluate(_CONFIG.value, workdir)
   except errors.USER_ERRORS as e:
     _fail(str(e))

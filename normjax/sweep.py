@@ -21,7 +21,7 @@ from typing import Sequence
 from absl import logging
 import ml_collections
 
-from normjax import config_schema, cpu_malloc, errors, metrics_io, runs, train
+from normjax import config_schema, errors, runs, startup, train
 from normjax.rundir import RunDir
 
 
@@ -100,8 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not specs:
     parser.error('--configs: no config given')
   logging.set_verbosity(logging.INFO)  # train's progress lines; absl.app would do this in main.py
-  metrics_io.quiet_library_logs()
-  cpu_malloc.tune_malloc_on_cpu()
+  startup.prepare_process()
   try:
     failed = run_sweep(specs, args.workdir, args.set)
   except errors.ConfigError as e:

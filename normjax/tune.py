@@ -51,7 +51,7 @@ from matplotlib.ticker import MaxNLocator
 import ml_collections
 import optuna
 
-from normjax import checkpoint, config_schema, cpu_malloc, errors, metrics_io, runs, train
+from normjax import checkpoint, config_schema, errors, metrics_io, runs, startup, train
 from normjax.models import tunable_cnn
 from normjax.rundir import RunDir
 
@@ -449,10 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error('--trials and --max_epochs must be >= 1')
   workdir = args.workdir or f'workdir/{config_schema.config_stem(args.config)}'
   logging.set_verbosity(logging.INFO)  # train's progress lines; absl.app would do this in main.py
-  metrics_io.quiet_library_logs()
   for s in (signal.SIGTERM, signal.SIGINT):  # the train loop swaps in its own (checkpoint first)
     signal.signal(s, _preempted)
-  cpu_malloc.tune_malloc_on_cpu()
+  startup.prepare_process()
   try:
     config = config_schema.apply_overrides(config_schema.load_config(args.config), args.set)
     run_search(config, workdir, args.trials, max_epochs=args.max_epochs, sampler=args.sampler)

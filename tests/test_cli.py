@@ -49,7 +49,9 @@ def test_without_workdir_the_run_goes_to_workdir_config_stem_and_resumes(tmp_pat
                          env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env}, timeout=300, cwd=tmp_path)
   assert first.returncode == 0, first.stderr[-2000:]
   run = tmp_path / 'workdir' / 'smoke-quick'
-  assert f'workdir: {run} (from the config name; --workdir overrides)' in first.stderr
+  log_lines = [l for l in first.stderr.splitlines() if l[:1] in 'IWE' and '] ' in l]  # absl's format
+  assert log_lines[0].endswith(f'workdir: {run} (from the config name; --workdir overrides); '
+                               'rerun the same command to resume'), log_lines[:3]
   assert (run / 'summary.json').exists()
   summary = (run / 'summary.json').read_text()
   again = subprocess.run([sys.executable, '-m', 'normjax.main', *args], capture_output=True, text=True,

@@ -1,0 +1,8 @@
+"""What every entry point (main, sweep, tune) does first, before jax initializes a backend."""
+from normjax import cpu_malloc, metrics_io
+
+
+def prepare_process() -> None:
+  """Filters library INFO logs and, where jax runs on the CPU, tunes malloc (cpu_malloc)."""
+  metrics_io.quiet_library_logs()
+  cpu_malloc.tune_malloc_on_cpu()  # before jax starts its threads
