@@ -95,15 +95,21 @@ from typing import Any, Callable
 # share the cores (benchmarks/mobilenet_v2_speed.py).
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
-# pylint: disable=g-import-not-at-top,g-bad-import-order
-import jax
-import numpy as np
-import torch
-from torch import nn
-
 # The repo (normjax and configs without `pip install -e .`) and tests/ (the torch MobileNetV2).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, 'tests')]
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+from normjax import startup  # noqa: E402
+
+# As normjax.main does before jax and torch start their threads: the malloc tuning is part of the
+# training code path, and torch, in this process too, runs under it alike.
+_MALLOC_TUNED = startup.prepare_process()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
 from configs import base  # noqa: E402
 from normjax import features, parallel, steps  # noqa: E402
 from torch_reference import MobileNetV2 as TorchMobileNetV2  # noqa: E402
@@ -353,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
   torch.set_num_threads(threads)
   print(f'jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} '
         f'channels_last, {threads} cores; img/s = median of {args.windows} alternating windows '
-        f'of ~{args.window_s:g} s; ratio = normjax / best torch', flush=True)
+        f'of ~{args.window_s:g} s; ratio = normjax / best torch; glibc malloc tuned: {_MALLOC_TUNED}',
+        flush=True)
   header = ['row', *SETTINGS, 'fp32 ratio', 'bf16 ratio', 'best ratio']
   print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header), flush=True)
   for row in rows:

@@ -16,10 +16,14 @@ import statistics
 import sys
 import time
 
-import jax
-import numpy as np
-
 sys.path.insert(0, '.')
+from normjax import startup  # noqa: E402
+
+startup.prepare_process()  # as normjax.main does, before jax starts its threads
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
 from normjax import config_schema, features, parallel, steps  # noqa: E402
 from normjax.data import augment  # noqa: E402
 

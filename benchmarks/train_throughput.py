@@ -30,6 +30,8 @@ _WORKER = flags.DEFINE_string('worker', '', 'Internal: run one config in this pr
 
 
 def _measure(spec: str, steps: int) -> dict:
+  from normjax import startup  # pylint: disable=g-import-not-at-top
+  startup.prepare_process()  # as normjax.main does, before jax starts its threads
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from normjax import config_schema, parallel, steps  # pylint: disable=g-import-not-at-top

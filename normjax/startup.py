@@ -2,7 +2,7 @@
 from normjax import cpu_malloc, metrics_io
 
 
-def prepare_process() -> None:
-  """Filters library INFO logs and, where jax runs on the CPU, tunes malloc (cpu_malloc)."""
+def prepare_process() -> bool:
+  """Filters library INFO logs and, where jax runs on the CPU, tunes malloc; True if it did."""
   metrics_io.quiet_library_logs()
-  cpu_malloc.tune_malloc_on_cpu()  # before jax starts its threads
+  return cpu_malloc.tune_malloc_on_cpu()  # before jax starts its threads
