@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from normjax import checkpoint, config_schema, features, metrics_io, optim, pretrained
+from normjax import checkpoint, config_schema, features, metrics_io, optim, pretrained, startup
 from normjax.data import augment, pipeline
 from normjax.models.classifier import Classifier
 from normjax.models.factory import create_model
@@ -178,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--out', default='', help='write the results as JSON here')
   parser.add_argument('--skip_init', action='store_true', help='only the --workdir checkpoint')
   args = parser.parse_args(argv)
+  startup.prepare_process()
   config = config_schema.apply_overrides(config_schema.load_config(args.config), args.set)
   splits = pipeline.load_splits(config.data, config.seed)
   batches = first_batches(config, splits, args.batches)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from matplotlib.figure import Figure
 import numpy as np
 
-from normjax import landscape, runs
+from normjax import landscape, runs, startup
 from normjax.rundir import RunDir
 
 BACKBONE = 'backbone'  # Classifier's backbone attribute: its output is the default map
@@ -210,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--split', choices=landscape.SPLITS, default='test')
   parser.add_argument('--out', default=None, help='output directory (default: WORKDIR/gradcam)')
   args = parser.parse_args(argv)
+  startup.prepare_process()
   png = run_gradcam(args.workdir, images=args.images, layer=args.layer, split=args.split, out=args.out)
   print(f'wrote {png} and {png.with_suffix(".npz")}')
   return 0

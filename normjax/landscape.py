@@ -64,7 +64,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from normjax import checkpoint, config_schema, metrics_io, optim
+from normjax import checkpoint, config_schema, metrics_io, optim, startup
 from normjax import features as features_lib
 from normjax.data import augment, pipeline
 from normjax.models.factory import create_model
@@ -701,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--out', default=None, help='--compare output directory '
                       '(default: <first workdir parent>/landscape)')
   args = parser.parse_args(argv)
+  startup.prepare_process()
   kwargs = dict(points=args.points, span=args.span, split=args.split, examples=args.examples,
                 seed=args.seed, include_bn_bias=args.include_bn_bias, chunk_size=args.chunk,
                 batch_size=args.batch_size or None)

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
-from normjax import checkpoint, grad_quantities, landscape, monitor, optim, report
+from normjax import checkpoint, grad_quantities, landscape, monitor, optim, report, startup
 from normjax.data import pipeline
 
 # log10|g| histogram bins: float32 gradients below 1e-12 are rounding noise next to the
@@ -153,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--batches', type=int, default=2, help='training batches per run')
   parser.add_argument('--out', default='', help='output directory (default: the first run\'s parent)')
   args = parser.parse_args(argv)
+  startup.prepare_process()
   out = pathlib.Path(args.out or pathlib.Path(args.workdirs[0]).absolute().parent)
   out.mkdir(parents=True, exist_ok=True)
   results = []

@@ -1,4 +1,4 @@
-"""What every entry point (main, sweep, tune) does first, before jax initializes a backend."""
+"""What every entry point (main, sweep, tune, the analyses) does first, before jax starts a backend."""
 from normjax import cpu_malloc, metrics_io
 
 
