@@ -8,10 +8,11 @@ width 0.5, torchvision's classifier (dropout 0.2, Linear with nn.Linear's init),
 scratch on a fixed 10,000-image subset of cifar10_jpeg (chosen by seed 0 from the 45,000 left
 after a 10% validation split of 5,000), random crop + flip, 5 epochs, SGD with Nesterov momentum
 0.9, LR 0.05 x batch/64 (Goyal et al. 2017 linear scaling; 0.05 at batch 64 is the anchor's),
-cosine to 0 without warm-up, weight decay 5e-4 coupled like torch.optim.SGD's (added to the
-gradient before momentum, on every parameter: normjax.optim), batch 64 unless `batch=` says.
-This is the PyTorch anchor measured on these 2 cores (BN, batch 64, 700,490 parameters: 52.12%
-test in 288 s, the 10k subset and torch SGD as above).
+one epoch of linear warm-up then cosine to 0, weight decay 5e-4 coupled like torch.optim.SGD's
+(added to the gradient before momentum, on every parameter: normjax.optim), batch 64 unless
+`batch=` says. This is the PyTorch anchor measured on these 2 cores (BN, batch 64, 700,490
+parameters: 52.12% test in 288 s, the 10k subset and torch SGD as above), plus the warm-up, which
+the anchor did not have (`--config.optim.warmup_epochs=0` gives the anchor's recipe).
 
 Arguments (comma-separated): norm=bn|gn|ln|frn|nf (default bn), batch=N (default 64), quick.
 - bn: BatchNorm (torch's). gn: GroupNorm with 8 groups: Wu & He use 32 and find GN insensitive

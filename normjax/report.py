@@ -41,7 +41,7 @@ def fmt_memory(st: Stats) -> str:
   if st.peak_memory_bytes is not None:
     return f'{st.peak_memory_bytes / 2**30:.2f} GiB'
   if st.peak_host_rss_bytes is not None:
-    return f'{st.peak_host_rss_bytes / 2**30:.2f} GiB (host RSS)'
+    return f'{st.peak_host_rss_bytes / 2**30:.2f} GiB (host RSS, mapped files included)'
   return NA
 
 

@@ -71,7 +71,8 @@ def _peak_memory() -> dict[str, int]:
   if 'peak_bytes_in_use' in stats:
     return {'peak_memory_bytes': int(stats['peak_bytes_in_use'])}
   # No device allocator statistics (CPU): the process's peak resident memory instead. It is a
-  # lifetime peak, so in a sweep (one process) it includes the runs before this one.
+  # lifetime peak, so in a sweep (one process) it includes the runs before this one, and it counts
+  # the resident pages of memory-mapped files: a run on a 39 GB feature cache read 24.5 GB.
   return {'peak_host_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
