@@ -25,14 +25,15 @@ def num_params(variables) -> int:
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params']))
 
 
-def test_bn_at_batch_64_is_the_anchor_recipe():
+def test_bn_at_batch_64_is_the_anchor_recipe_plus_one_warmup_epoch():
   c = load('norm=bn')
   assert (c.model.name, c.model.norm, c.model.width_mult, c.model.cifar_stem) == ('mobilenet_v2', 'bn', 0.5, True)
   assert (c.model.head, c.model.dropout, c.model.head_init) == ('linear', 0.2, 'torch')
   assert (c.data.name, c.data.image_size, c.data.train_subset, c.data.augment) == ('cifar10_jpeg', 32, 10_000, True)
   assert (c.optim.name, c.optim.nesterov, c.optim.momentum, c.optim.lr, c.optim.backbone_lr) == (
       'sgd', True, 0.9, 0.05, 0.05)
-  assert (c.optim.schedule, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.clip) == ('cosine', 0.0, 5e-4, 'none')
+  # The anchor had no warm-up; the sweep adds one epoch for every norm (GN and LN diverge without).
+  assert (c.optim.schedule, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.clip) == ('cosine', 1.0, 5e-4, 'none')
   assert (c.train.batch_size, c.train.num_epochs, c.train.max_steps, c.optim.trainable_blocks) == (64, 5, 0, -1)
   # The anchor's torch model has 700,490 parameters.
   _, variables = init(c, jnp.zeros((2, 32, 32, 3)))
