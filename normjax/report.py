@@ -416,8 +416,11 @@ def batch_error_change(members: list[tuple[int, Run, Stats]]) -> str:
 
 def batch_size_section(runs: list[Run], out: pathlib.Path) -> list[str]:
   """Val error (Wu & He 2018, Fig. 1), test accuracy and speed across batch sizes, one group per
-  model, backbone norm and clipping; only when the runs differ in train.batch_size."""
+  model, backbone norm and clipping; only when the finished runs differ in train.batch_size.
+  A run still in progress is left out: its latest val error is not the end of its schedule."""
   sized = [r for r in runs if r.cfg('train.batch_size') is not None]
+  unfinished = sum(not r.finished for r in sized)
+  sized = [r for r in sized if r.finished]
   if len({r.cfg('train.batch_size') for r in sized}) < 2:
     (out / BATCH_SIZE_PNG).unlink(missing_ok=True)
     return []
@@ -436,6 +439,8 @@ def batch_size_section(runs: list[Run], out: pathlib.Path) -> list[str]:
           *md_table(('model', 'batch', 'run', 'val error %', 'test %', 'images/s', 'peak memory'), rows),
           '', 'Val error: 100 - the final epoch\'s val accuracy (Wu & He 2018 plot it against batch '
           'size in their Figure 1). From the largest batch to the smallest:', '', *changes, '',
+          *([f'{unfinished} run(s) still in progress are left out of this section.', '']
+            if unfinished else []),
           f'![batch size comparison]({BATCH_SIZE_PNG})']
 
 

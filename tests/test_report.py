@@ -331,6 +331,16 @@ def test_batch_size_section(tmp_path):
   assert rows[0]['model'] == 'mobilenet_v2 (norm bn, clip none)'
   assert rows[3]['model'] == 'nf_mobilenet_v2 (norm none (NF), clip agc (lambda=0.01))'
   assert_png(tmp_path / 'batch_size.png')
+  # A run still in progress (metrics, no summary) is not a point of the figure or the table.
+  write_run(tmp_path / 'mobilenet_v2_bs8', layer_blocks=(), acc=(0.2, 0.3), finished=False,
+            overrides={'model.name': 'mobilenet_v2', 'model.norm': 'bn', 'train.batch_size': 8})
+  md = report.write_report(tmp_path).read_text()
+  assert {r['run']: r['status'] for r in parse_table(md, '## Runs')}['`mobilenet_v2_bs8`'] == 'in progress'
+  assert sorted(r['run'] for r in parse_table(md, '## Batch size')) == sorted(expected)
+  assert '1 run(s) still in progress are left out of this section.' in md
+  for f in (tmp_path / 'mobilenet_v2_bs8').iterdir():
+    f.unlink()
+  (tmp_path / 'mobilenet_v2_bs8').rmdir()
   # A rerun without differing batch sizes drops the section and its stale figure.
   for name in list(expected)[1:]:
     for f in (tmp_path / name.strip('`')).iterdir():
