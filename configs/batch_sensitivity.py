@@ -29,7 +29,7 @@ The sweep (5 norms x batch 64, 32, 16, 8, 4, 2; resumable) and its Wu & He figur
             printf 'configs/batch_sensitivity.py:norm=%s,batch=%s,' $n $b; done; done)
   NORMJAX_DATA_DIR=../shared/data nice -n 10 python -m normjax.sweep --configs="${SPECS%,}" \
       --workdir=workdir/batch_sensitivity --report
-Measured (README "Batch-size sensitivity", 2 CPU cores as two single-core sweeps; a run takes
+Expected (measured, README "Batch-size sensitivity", 2 CPU cores as two single-core sweeps; a run takes
 6-21 min on one core): BN at batch 64 (the first command) 55.89% test, final val 56.44%; without
 the warm-up (the anchor's recipe) 50.60% test, 51.16% val, against the torch anchor's 52.12%.
 GN, LN and NF end at 34-41% val at every batch size from 64 to 8; FRN stays at chance at LR >=
