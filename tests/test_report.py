@@ -2,6 +2,7 @@
 import json
 import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -338,14 +339,10 @@ def test_batch_size_section(tmp_path):
   assert {r['run']: r['status'] for r in parse_table(md, '## Runs')}['`mobilenet_v2_bs8`'] == 'in progress'
   assert sorted(r['run'] for r in parse_table(md, '## Batch size')) == sorted(expected)
   assert '1 run(s) still in progress are left out of this section.' in md
-  for f in (tmp_path / 'mobilenet_v2_bs8').iterdir():
-    f.unlink()
-  (tmp_path / 'mobilenet_v2_bs8').rmdir()
+  shutil.rmtree(tmp_path / 'mobilenet_v2_bs8')
   # A rerun without differing batch sizes drops the section and its stale figure.
   for name in list(expected)[1:]:
-    for f in (tmp_path / name.strip('`')).iterdir():
-      f.unlink()
-    (tmp_path / name.strip('`')).rmdir()
+    shutil.rmtree(tmp_path / name.strip('`'))
   md = report.write_report(tmp_path).read_text()
   assert '## Batch size' not in md
   assert not (tmp_path / 'batch_size.png').exists()
