@@ -74,9 +74,17 @@ def _closed_loop_report(exc_type, exc, tb) -> bool:
 
 
 class _DropOrbaxTaskReports(std_logging.Filter):
+  """asyncio's 'Task/Future exception was never retrieved' about orbax's abandoned work.
+
+  A Task names its orbax coroutine in the message; a bare Future names nothing, so its
+  traceback (exc_info) is searched for orbax frames as well.
+  """
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return '/orbax/' not in record.getMessage()
+    if '/orbax/' in record.getMessage():
+      return False
+    tb = record.exc_info[2] if record.exc_info else None
+    return not any('/orbax/' in frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb))
 
 
 def _drop_late_orbax_reports() -> None:
@@ -84,8 +92,8 @@ def _drop_late_orbax_reports() -> None:
 
   Orbax's abandoned coroutines report their errors when garbage collected; TensorStore's reads
   and writes still in flight complete into orbax's closed event loop and print
-  RuntimeError('Event loop is closed') from their threads; orbax's unfinished tasks log 'Task
-  exception was never retrieved' through asyncio when destroyed, at exit.
+  RuntimeError('Event loop is closed') from their threads; orbax's unfinished tasks and futures log
+  'Task/Future exception was never retrieved' through asyncio when destroyed.
   """
   if not getattr(sys.excepthook, 'normjax_quiet', False):
     previous_excepthook = sys.excepthook
