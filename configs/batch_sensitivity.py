@@ -30,11 +30,12 @@ The sweep (5 norms x batch 64, 32, 16, 8, 4, 2; resumable) and its Wu & He figur
   NORMJAX_DATA_DIR=../shared/data nice -n 10 python -m normjax.sweep --configs="${SPECS%,}" \
       --workdir=workdir/batch_sensitivity --report
 Expected (measured, README "Batch-size sensitivity", 2 CPU cores as two single-core sweeps; a run takes
-6-21 min on one core): BN at batch 64 (the first command) 55.89% test, final val 56.44%; without
+6-37 min on one core): BN at batch 64 (the first command) 55.89% test, final val 56.44%; without
 the warm-up (the anchor's recipe) 50.60% test, 51.16% val, against the torch anchor's 52.12%.
-GN, LN and NF end at 34-41% val at every batch size from 64 to 8; FRN stays at chance at LR >=
-0.0125 (batch >= 16). The 5,000-image budget (`--set=data.train_subset=5000`) is too small: GN
-32.0%, LN 26.4% val at batch 64.
+BN's val falls to 49-50% at batches 16-4 and 33.52% at batch 2, below GN (35.50%) and NF (37.44%);
+GN and NF stay at 34-41% val at every batch size, LN at 36-39% down to batch 4 (32.00% at 2);
+FRN stays at chance at LR >= 0.0125 (batch >= 16) and ends at 29.6-30.8% at batches 8-2. The
+5,000-image budget (`--set=data.train_subset=5000`) is too small: GN 32.0%, LN 26.4% val at batch 64.
 """
 from configs import base
 from normjax.errors import ConfigError
