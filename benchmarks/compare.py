@@ -101,9 +101,12 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, 'tests')]
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from normjax import startup  # noqa: E402
 
-# As normjax.main does before jax and torch start their threads: the malloc tuning is part of the
-# training code path, and torch, in this process too, runs under it alike.
-_MALLOC_TUNED = startup.prepare_process()
+# As normjax's entry points do, before jax and torch start their threads: the malloc tunables
+# (normjax/cpu_malloc.py) are part of the training code path, and torch, in this process too,
+# runs under them alike.
+if __name__ == '__main__':
+  startup.reexec_for_cpu()
+_HUGE_PAGES = startup.prepare_process()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -359,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
   torch.set_num_threads(threads)
   print(f'jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} '
         f'channels_last, {threads} cores; img/s = median of {args.windows} alternating windows '
-        f'of ~{args.window_s:g} s; ratio = normjax / best torch; glibc malloc tuned: {_MALLOC_TUNED}',
+        f'of ~{args.window_s:g} s; ratio = normjax / best torch; glibc malloc huge pages: {_HUGE_PAGES}',
         flush=True)
   header = ['row', *SETTINGS, 'fp32 ratio', 'bf16 ratio', 'best ratio']
   print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header), flush=True)

@@ -19,6 +19,8 @@ import time
 sys.path.insert(0, '.')
 from normjax import startup  # noqa: E402
 
+if __name__ == '__main__':
+  startup.reexec_for_cpu()  # as normjax's entry points do, before anything else
 startup.prepare_process()  # as normjax.main does, before jax starts its threads
 
 import jax  # noqa: E402

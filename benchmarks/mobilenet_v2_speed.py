@@ -157,4 +157,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  from normjax import startup  # pylint: disable=g-import-not-at-top
+  startup.reexec_for_cpu()  # as normjax's entry points do
   app.run(main)

@@ -721,4 +721,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  startup.reexec_for_cpu()
   sys.exit(main())

@@ -84,4 +84,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  startup.reexec_for_cpu()
   app.run(main, flags_parser=_parse_flags)

@@ -1,8 +1,13 @@
-"""What every entry point (main, sweep, tune, the analyses) does first, before jax starts a backend."""
+"""What every entry point does first: in `__main__`, the malloc re-exec; in main(), the rest."""
 from normjax import cpu_malloc, metrics_io
 
 
+def reexec_for_cpu() -> None:
+  """First thing in `if __name__ == '__main__':` (it replaces the process; never in library code)."""
+  cpu_malloc.reexec_with_huge_pages()
+
+
 def prepare_process() -> bool:
-  """Filters library INFO logs and, where jax runs on the CPU, tunes malloc; True if it did."""
+  """Filters library INFO logs and logs the malloc state; True if XLA's buffers get huge pages."""
   metrics_io.quiet_library_logs()
-  return cpu_malloc.tune_malloc_on_cpu()  # before jax starts its threads
+  return cpu_malloc.log_state()

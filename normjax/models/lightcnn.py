@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from normjax.models import common
+from normjax.models import common, pooling
 
 CHANNELS = (8, 16, 32)  # study section 4
 
@@ -28,7 +28,7 @@ class LightCNN(nn.Module):
                   name=common.block_name(i))(x)
       x = nn.relu(x)
       if i < len(CHANNELS) - 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = pooling.max_pool(x, 2)
       if i + 1 == first_trainable:
         x = jax.lax.stop_gradient(x)
     return x

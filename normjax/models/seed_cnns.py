@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from normjax.models import common
+from normjax.models import common, pooling
 
 # Keras' Conv2D/Dense defaults: glorot_uniform kernels, zero biases.
 _KERAS_INIT = {'kernel_init': nn.initializers.glorot_uniform(), 'bias_init': nn.initializers.zeros}
@@ -68,7 +68,7 @@ def _flatten(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def _pool(x: jnp.ndarray, size: int = 2) -> jnp.ndarray:
-  return nn.max_pool(x, (size, size), strides=(size, size))  # 'VALID': floor, as torch and Keras
+  return pooling.max_pool(x, size)  # 'VALID': floor, as torch and Keras
 
 
 class MLP(_Backbone):

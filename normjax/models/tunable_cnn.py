@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from normjax.models import common
+from normjax.models import common, pooling
 
 # Keras' Conv2D/Dense defaults: glorot_uniform kernels, zero biases.
 _KERAS_INIT = {'kernel_init': nn.initializers.glorot_uniform(), 'bias_init': nn.initializers.zeros}
@@ -84,7 +84,7 @@ class TunableCNN(nn.Module):
       x = nn.relu(nn.Conv(filters, (kernel, kernel), padding='SAME', dtype=self.dtype,
                           name=common.block_name(i), **_KERAS_INIT)(x))
       if min(x.shape[1:3]) >= 2:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))  # 'VALID': floor, as Keras' MaxPooling2D
+        x = pooling.max_pool(x, 2)  # 'VALID': floor, as Keras' MaxPooling2D
       i += 1
       if i == first_trainable:
         x = jax.lax.stop_gradient(x)
