@@ -1,4 +1,4 @@
-r"""normjax against PyTorch on CPU: one table, every row timed side by side in one process.
+r"""normjax against PyTorch on CPU: one table, rows timed side by side, each framework in its process.
 
   OMP_WAIT_POLICY=PASSIVE python benchmarks/compare.py [--rows=lightcnn,cifar,...] [--windows=5]
 
@@ -12,8 +12,10 @@ Rows (the shapes the study and its extensions train):
   cached     the study's cached head phase: features.18 + head on precomputed 7x7x320 inputs
 Columns: normjax fp32 and bf16 (config.model.dtype), torch fp32 and bf16 (autocast), torch
 channels_last on all cores; img/s is the median of --windows timed windows, and the ratios are
-normjax's over the best torch setting of the row. Every timed window of every setting of a row
-alternates with the others', so load from other processes hits all of them alike.
+normjax's over the best torch setting of the row. normjax runs in this process, torch in
+benchmarks/compare_torch.py's, started per row with the same environment (malloc tunables
+included). Every timed window of every setting of a row alternates with the others', never
+overlapping, so load from other processes hits all of them alike.
 
 What is timed is what training runs: normjax's jitted, donated `normjax.steps.build_programs`
 train/eval step of the row's config (uint8 images in, augmentation and resize on device,
@@ -23,7 +25,11 @@ MobileNetV2, a LightCNN, the study's head with FRN), the same preprocessing and 
 a torch user would: channels_last, `model.train()` / `inference_mode`, `zero_grad(set_to_none)`.
 Weights are random (speed does not depend on their values).
 
-Where the time goes (XLA CPU, jax 0.10.2, 2 shared Sapphire Rapids cores): share of thunk time
+Hardware: `lscpu` on 2026-11-25 reports the development machine's 2 cores as an AMD EPYC (family
+26: AVX-512 with AVX512-BF16, no AMX) under KVM. The figures below dated before that were taken
+on the same 2-core machine, then described (from the project brief, not lscpu) as Sapphire Rapids.
+
+Where the time goes (XLA CPU, jax 0.10.2, 2 shared cores, before 2026-11-25): share of thunk time
 per op class in a jax.profiler trace of the 224 px batch-16 fp32 full train step, ops assigned
 to layers by their HLO op_name metadata (`jax.jit(f).lower(...).compile().as_text()`):
   op class               before   after   what it was
@@ -76,46 +82,70 @@ measured 0.98-0.99x of the unfolded model on the cache build, eval224 and study 
 windows alternating in one process: XLA CPU already fuses eval BN + ReLU6 (+ the next pad) into
 one loop fusion after each GEMM or depthwise sum (identical fusion layout in the compiled HLO), so
 folding saves a few flops per element, never a pass over the activations. It is not in normjax.
-glibc malloc (normjax/cpu_malloc.py): XLA CPU's per-step temp buffers were unmapped on free and
-page-faulted in again every step. With mallopt M_ARENA_MAX=1, M_MMAP_MAX=0 and a 2 GiB trim threshold
-set at runtime (normjax.main/sweep/tune do so on CPU, before jax starts its threads), the normjax
-fp32 step, 5 steps after warm-up in separate processes run A/B/A/B interleaved (2 shared cores):
-full224 1409/922 -> 657/613 ms and 213k -> 0 minor faults per step; cifar 955/961 -> 720/709 ms
-(209k -> 0); cached 51 -> 41 ms (8.6k -> 0). Without M_ARENA_MAX=1 (XLA's threads' own arenas), or
-set after jax initialized its backend, faults stay at 213k and the step time is unchanged.
+glibc malloc (normjax/cpu_malloc.py), re-measured 2026-11-25 on the idle AMD EPYC cores, kernel
+6.18 with transparent huge pages (THP) in madvise mode; normjax fp32 CIFAR-stem train step, 6-8
+steps after warm-up, each setting in separate processes, run twice: XLA CPU allocates one ~0.8 GB
+temp buffer per step from an XLA thread's malloc arena. A non-main arena's heap holds at most
+64 MiB, so glibc maps the block with mmap and unmaps it on free (M_MMAP_MAX=0 does not stop that
+fallback), and the next step faults it in again.
+  untuned                                         102-119 img/s  211k faults/step  0.6k ctx switches
+  mallopt M_ARENA_MAX=1, M_MMAP_MAX=0, trim 2 GiB  63-100 img/s  26-105k          9-11k
+    (normjax's setting until 2026-11-25: every thread in the main arena, which grows with brk
+    and keeps freed memory, but XLA's threads then contend for its lock)
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1           160-179 img/s   740-830          0.5-0.6k
+    (normjax's setting now: malloc madvises huge pages, so a fault maps 2 MiB; the unmap stays)
+  hugetlb=1 + mmap_max=0 + trim_threshold         141-147; hugetlb=1 + arena_max=1: 83-86; + 2: 149
+On full224 the same switch took the step from 13.1 (mallopt) to 38.1 img/s. The kernel still
+zeroes every fresh huge page: clear_page was 16% of a perf profile (torch and normjax in one
+process); 0.2 cores of system time in the normjax step alone.
+Tunables are read when a process starts, so entry points re-execute themselves with the tunable
+(`normjax.startup.reexec_for_cpu`, this script too). Reproduce the comparison with
+benchmarks/train_throughput.py (faults/step, system cores), NORMJAX_TUNE_MALLOC=0 for untuned.
+Since 2026-11-25 torch runs in a process of its own, as training never has torch beside it. In
+scratch runs (one process each, CIFAR stem, 5-step windows) the normjax step measured 178 img/s
+alone against 102 and 135 beside torch fp32 / bf16 in its process; but the full table did not
+move with the split beyond the run-to-run spread (best ratios 1.28 / 0.59 / 0.68 / 0.80 / 0.82 /
+1.68 in one process; 1.28 / 0.66-0.69 / 0.59-0.69 / 0.61-0.65 / 0.67-1.01 / 1.49-1.64 in two). The same
+normjax step varies from process to process by up to 1.3x (CIFAR stem, back-to-back windows:
+142-149 in one process, 178-190 in the next, identical settings), more than between settings, so
+one table's ratios carry that uncertainty; README gives the tables of separate runs.
+Max pooling (normjax/models/pooling.py): flax's max_pool differentiates through XLA's
+select-and-scatter, a scatter with generated indices on CPU; an elementwise custom VJP takes the
+LightCNN train step from 8.8k to 14.7-14.9k img/s (separate processes, twice each).
+Tried on the 2026-11-25 machine, not faster (CIFAR stem fp32, hugetlb=1, separate processes):
+xla_cpu_prefer_vector_width=512 (152 vs 179 img/s), the concurrency-optimized scheduler (139),
+YNNPACK ELTWISE fusions (52-91), YNNPACK DOT fusion (145); the depthwise kernel gradient's chunk
+at 8, 32 or 1024 MiB instead of 2 MiB (145-157 vs 168-173), or its 9 taps as one stacked reduce
+(139-142 vs 139-183).
 """
 import argparse
+import functools
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
-# Before torch loads OpenMP: spinning OpenMP workers slow torch ~10x when other processes
-# share the cores (benchmarks/mobilenet_v2_speed.py).
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-
-# The repo (normjax and configs without `pip install -e .`) and tests/ (the torch MobileNetV2).
+# The repo: normjax and configs without `pip install -e .`.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [_ROOT, os.path.join(_ROOT, 'tests')]
+sys.path.insert(0, _ROOT)
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 from normjax import startup  # noqa: E402
 
-# As normjax's entry points do, before jax and torch start their threads: the malloc tunables
-# (normjax/cpu_malloc.py) are part of the training code path, and torch, in this process too,
-# runs under them alike.
+# As normjax's entry points do, before jax starts its threads: the malloc tunables
+# (normjax/cpu_malloc.py) are part of the training code path; the torch process inherits them.
 if __name__ == '__main__':
   startup.reexec_for_cpu()
 _HUGE_PAGES = startup.prepare_process()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from configs import base  # noqa: E402
 from normjax import features, parallel, steps  # noqa: E402
-from torch_reference import MobileNetV2 as TorchMobileNetV2  # noqa: E402
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 # CIFAR-10 channel statistics (any fixed values time the same).
@@ -181,136 +211,13 @@ def _normjax_step(row: str, dtype: str, images: np.ndarray, labels: np.ndarray) 
   return train
 
 
-class TorchLightCNN(nn.Module):
-  """normjax.models.lightcnn.LightCNN with its linear head (study.md section 4)."""
-
-  def __init__(self):
-    super().__init__()
-    self.features = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
-    self.classifier = nn.Linear(32, NUM_CLASSES)
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.classifier(self.features(x).mean((2, 3)))
-
-
-class TorchFRN(nn.Module):
-  """normjax.models.norms.FRN on (N, C) with dense='features' (the study head's norm)."""
-
-  def __init__(self, features_: int, eps: float = 1e-6):  # normjax FRN_EPSILON
-    super().__init__()
-    self.scale = nn.Parameter(torch.ones(features_))
-    self.bias = nn.Parameter(torch.zeros(features_))
-    self.tau = nn.Parameter(torch.zeros(features_))
-    self.eps = eps
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    nu2 = x.square().mean(1, keepdim=True)
-    return torch.maximum(self.scale * x * torch.rsqrt(nu2 + self.eps) + self.bias, self.tau)
-
-
-def _torch_preprocess(images: torch.Tensor, config) -> torch.Tensor:
-  """normjax.data.augment.train_preprocess in torch: crop + flip, resize, normalize (NCHW)."""
-  x = images.permute(0, 3, 1, 2).float()
-  if config.data.augment:
-    pad = config.data.crop_padding
-    top, left = np.random.randint(0, 2 * pad + 1, 2)
-    h, w = x.shape[2:]
-    x = nn.functional.pad(x, (pad, pad, pad, pad))[:, :, top:top + h, left:left + w]
-    flip = torch.rand(x.shape[0]) < 0.5  # torchvision RandomHorizontalFlip(p=0.5)
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-  size = config.data.image_size
-  if x.shape[2:] != (size, size):
-    x = nn.functional.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
-  x = x / 255.0
-  if config.data.normalize:
-    x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
-  return x.contiguous(memory_format=torch.channels_last)
-
-
-def _torch_step(row: str, bf16: bool, images: np.ndarray, labels: np.ndarray) -> Callable[[], Any]:
-  """One call runs one torch step of `row`, channels_last, bf16 under CPU autocast if asked."""
-  config = _config(row)
-  torch.manual_seed(0)
-  autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
-  x_np = torch.from_numpy(images)
-  y = torch.from_numpy(labels).long()
-  loss_fn = nn.functional.cross_entropy
-  if row == 'lightcnn':
-    model: nn.Module = TorchLightCNN()
-    params = [{'params': model.parameters(), 'lr': config.optim.lr}]
-  elif row in ('study', 'cached'):
-    net = TorchMobileNetV2(NUM_CLASSES)
-    head = nn.Sequential(nn.Linear(1280, config.model.head_hidden), TorchFRN(config.model.head_hidden),
-                         nn.ReLU(), nn.Dropout(config.model.dropout),
-                         nn.Linear(config.model.head_hidden, NUM_CLASSES))
-    prefix, last = net.features[:18].eval().requires_grad_(False), net.features[18]
-    model = nn.ModuleDict({'prefix': prefix, 'last': last, 'head': head})
-    params = [{'params': head.parameters(), 'lr': config.optim.lr},
-              {'params': last.parameters(), 'lr': config.optim.backbone_lr}]
-  else:
-    model = TorchMobileNetV2(NUM_CLASSES, config.model.width_mult, config.model.cifar_stem)
-    params = [{'params': model.parameters(), 'lr': config.optim.lr}]
-  model = model.to(memory_format=torch.channels_last)
-  if config.optim.name == 'sgd':
-    opt = torch.optim.SGD(params, momentum=config.optim.momentum, nesterov=config.optim.nesterov)
-  else:
-    opt = torch.optim.Adam(params)
-
-  def forward(x: torch.Tensor) -> torch.Tensor:
-    if row == 'study':
-      with torch.no_grad():
-        x = model['prefix'](x)
-    if row in ('study', 'cached'):
-      return model['head'](model['last'](x).mean((2, 3)))
-    return model(x)
-
-  if row == 'eval224':
-    model.eval()
-
-    def evaluate():
-      with torch.inference_mode(), autocast():
-        logits = forward(_torch_preprocess(x_np, config)).float()
-        loss = loss_fn(logits, y, reduction='none')
-        return loss + (logits.argmax(-1) == y).float()
-
-    return evaluate
-
-  if row != 'study':
-    model.train()
-  else:
-    model['last'].train()
-    model['head'].train()
-  cached = x_np.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-
-  def train():
-    opt.zero_grad(set_to_none=True)
-    with autocast():
-      x = cached if row == 'cached' else _torch_preprocess(x_np, config)
-      loss = loss_fn(forward(x).float(), y)
-    loss.backward()
-    opt.step()
-    return loss
-
-  return train
-
-
-def _sync(out: Any) -> None:
-  if isinstance(out, torch.Tensor):
-    out.sum().item()
-  else:
-    jax.block_until_ready(out)
-
-
 def _window(step: Callable[[], Any], n: int) -> float:
   """Seconds for n steps, synchronised at the end."""
   start = time.perf_counter()
   out = None
   for _ in range(n):
     out = step()
-  _sync(out)
+  jax.block_until_ready(out)
   return time.perf_counter() - start
 
 
@@ -325,27 +232,60 @@ ROWS = {
 SETTINGS = ('normjax fp32', 'normjax bf16', 'torch fp32', 'torch bf16')
 
 
-def _measure(row: str, windows: int, window_s: float) -> dict[str, float]:
-  """Median img/s of each setting; the settings' timed windows alternate."""
+class _TorchProcess:
+  """benchmarks/compare_torch.py for one row, in a process of its own; runs torch windows on request."""
+
+  def __init__(self, row: str, config, images: np.ndarray, labels: np.ndarray, tmp: str):
+    with open(os.path.join(tmp, 'config.json'), 'w') as f:
+      f.write(config.to_json())
+    np.savez(os.path.join(tmp, 'inputs.npz'), images=images, labels=labels)
+    self._proc = subprocess.Popen(
+        [sys.executable, os.path.join(_ROOT, 'benchmarks', 'compare_torch.py'), f'--row={row}',
+         f'--config={tmp}/config.json', f'--inputs={tmp}/inputs.npz'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    kind, ready = self._proc.stdout.readline().split(' ', 1)
+    if kind != 'ready':
+      raise RuntimeError(f'compare_torch.py for {row} did not start: {kind} {ready}')
+    ready = json.loads(ready)
+    self.version, self.one_step = ready['torch'], ready['one_step']
+
+  def window(self, setting: str, n: int) -> float:
+    self._proc.stdin.write(f'{setting} {n}\n')
+    self._proc.stdin.flush()
+    return float(self._proc.stdout.readline())
+
+  def close(self) -> None:
+    self._proc.stdin.close()
+    self._proc.wait(timeout=60)
+
+
+def _measure(row: str, windows: int, window_s: float) -> tuple[dict[str, float], str]:
+  """Median img/s of each setting (the settings' timed windows alternate) and torch's version."""
   rng = np.random.default_rng(0)
-  images, labels = _inputs(row, _config(row), rng)
-  runners = {
-      'normjax fp32': _normjax_step(row, 'float32', images, labels),
-      'normjax bf16': _normjax_step(row, 'bfloat16', images, labels),
-      'torch fp32': _torch_step(row, False, images, labels),
-      'torch bf16': _torch_step(row, True, images, labels),
-  }
-  steps_per_window = {}
-  for name, step in runners.items():
-    _window(step, 2)  # compilation (normjax) and first-call allocation (both)
-    # Steps per window: about window_s seconds, from one timed step.
-    steps_per_window[name] = max(1, round(window_s / _window(step, 1)))
-  rates = {name: [] for name in runners}
-  for _ in range(windows):
-    for name, step in runners.items():
-      n = steps_per_window[name]
-      rates[name].append(n * len(labels) / _window(step, n))
-  return {name: statistics.median(r) for name, r in rates.items()}
+  config = _config(row)
+  images, labels = _inputs(row, config, rng)
+  normjax = {'normjax fp32': _normjax_step(row, 'float32', images, labels),
+             'normjax bf16': _normjax_step(row, 'bfloat16', images, labels)}
+  seconds = {}  # setting -> seconds of one step, after warm-up
+  for name, step in normjax.items():
+    _window(step, 2)  # compilation and first-call allocation
+    seconds[name] = _window(step, 1)
+  with tempfile.TemporaryDirectory() as tmp:
+    torch_side = _TorchProcess(row, config, images, labels, tmp)
+    try:
+      seconds.update(torch_side.one_step)
+      run = {**{name: functools.partial(_window, step) for name, step in normjax.items()},
+             **{name: functools.partial(torch_side.window, name) for name in torch_side.one_step}}
+      # Steps per window: about window_s seconds, from one timed step.
+      steps_per_window = {name: max(1, round(window_s / s)) for name, s in seconds.items()}
+      rates = {name: [] for name in SETTINGS}
+      for _ in range(windows):
+        for name in SETTINGS:
+          n = steps_per_window[name]
+          rates[name].append(n * len(labels) / run[name](n))
+    finally:
+      torch_side.close()
+  return {name: statistics.median(r) for name, r in rates.items()}, torch_side.version
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,22 +298,21 @@ def main(argv: list[str] | None = None) -> int:
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
     parser.error(f'unknown rows {unknown}; allowed: {", ".join(ROWS)}')
-  threads = os.cpu_count()
-  torch.set_num_threads(threads)
-  print(f'jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} '
-        f'channels_last, {threads} cores; img/s = median of {args.windows} alternating windows '
-        f'of ~{args.window_s:g} s; ratio = normjax / best torch; glibc malloc huge pages: {_HUGE_PAGES}',
-        flush=True)
+  print(f'jax {jax.__version__} ({jax.devices()[0].device_kind}) in this process, torch '
+        f'channels_last on {os.cpu_count()} cores in its own; img/s = median of {args.windows} '
+        f'alternating windows of ~{args.window_s:g} s; ratio = normjax / best torch; glibc malloc '
+        f'huge pages: {_HUGE_PAGES}', flush=True)
   header = ['row', *SETTINGS, 'fp32 ratio', 'bf16 ratio', 'best ratio']
   print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header), flush=True)
   for row in rows:
-    med = _measure(row, args.windows, args.window_s)
+    med, torch_version = _measure(row, args.windows, args.window_s)
     best_torch = max(med['torch fp32'], med['torch bf16'])
     best_nj = max(med['normjax fp32'], med['normjax bf16'])
     cells = [ROWS[row], *(f'{med[s]:.1f}' for s in SETTINGS),
              f'{med["normjax fp32"] / best_torch:.2f}', f'{med["normjax bf16"] / best_torch:.2f}',
              f'{best_nj / best_torch:.2f}']
     print('| ' + ' | '.join(cells) + ' |', flush=True)
+  print(f'torch {torch_version}')
   return 0
 
 

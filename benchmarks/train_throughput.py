@@ -8,6 +8,9 @@ forward, backward, clipping, optimizer, monitor), on synthetic uint8 batches.
   # normalizer-free + AGC vs BatchNorm at the same batch
   python benchmarks/train_throughput.py --configs=configs/nf_agc_scratch.py:cpu,batch=64,configs/bn_scratch.py:cpu,batch=64
 
+  # glibc malloc as normjax sets it (huge pages) against untouched: faults/step and sys cores
+  NORMJAX_TUNE_MALLOC=0 python benchmarks/train_throughput.py --configs=configs/bn_scratch.py:batch=64 --steps=8
+
 Each (config, device count) runs in its own process, since the device count is
 fixed when JAX starts. On CPU the device count comes from
 XLA_FLAGS=--xla_force_host_platform_device_count; on GPU/TPU the real devices
@@ -29,7 +32,7 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after 3 warm-up steps).
 _WORKER = flags.DEFINE_string('worker', '', 'Internal: run one config in this process.')
 
 
-def _measure(spec: str, steps: int) -> dict:
+def _measure(spec: str, num_steps: int) -> dict:
   from normjax import startup  # pylint: disable=g-import-not-at-top
   startup.prepare_process()  # as normjax.main does, before jax starts its threads
   import jax  # pylint: disable=g-import-not-at-top
@@ -51,14 +54,20 @@ def _measure(spec: str, steps: int) -> dict:
   for _ in range(3):
     state = programs.train_step(state, batch_arrays['image'], batch_arrays['label'], rng)
   jax.block_until_ready(state)
+  before = resource.getrusage(resource.RUSAGE_SELF)
   start = time.perf_counter()
-  for _ in range(steps):
+  for _ in range(num_steps):
     state = programs.train_step(state, batch_arrays['image'], batch_arrays['label'], rng)
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
+  after = resource.getrusage(resource.RUSAGE_SELF)
   stats = jax.local_devices()[0].memory_stats() or {}
   return {'config': spec, 'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
-          'batch': batch, 'images_per_sec': steps * batch / seconds, 'ms_per_step': 1e3 * seconds / steps,
+          'batch': batch, 'images_per_sec': num_steps * batch / seconds,
+          'ms_per_step': 1e3 * seconds / num_steps,
+          # Page faults and kernel time: what the malloc tunables change (normjax/cpu_malloc.py).
+          'faults_per_step': (after.ru_minflt - before.ru_minflt) / num_steps,
+          'system_cores': (after.ru_stime - before.ru_stime) / seconds,
           'peak_device_bytes': stats.get('peak_bytes_in_use'),
           'peak_host_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
@@ -85,11 +94,12 @@ def main(argv: list[str]) -> None:
   base = rows[0]['images_per_sec']
   print(f'device: {rows[0]["device_kind"]}; {_STEPS.value} timed steps after 3 warm-up steps')
   print(f'{"config":48s} {"devices":>7s} {"batch":>5s} {"img/s":>9s} {"ms/step":>8s} {"ratio":>6s} '
-        f'{"peak device MiB":>15s} {"peak host RSS MiB":>17s}')
+        f'{"faults/step":>11s} {"sys cores":>9s} {"peak device MiB":>15s} {"peak host RSS MiB":>17s}')
   for r in rows:
     device_mib = f'{r["peak_device_bytes"] / 2**20:.0f}' if r['peak_device_bytes'] else 'n/a'
     print(f'{r["config"]:48s} {r["devices"]:7d} {r["batch"]:5d} {r["images_per_sec"]:9.1f} '
-          f'{r["ms_per_step"]:8.1f} {r["images_per_sec"] / base:6.2f} {device_mib:>15s} '
+          f'{r["ms_per_step"]:8.1f} {r["images_per_sec"] / base:6.2f} {r["faults_per_step"]:11.0f} '
+          f'{r["system_cores"]:9.2f} {device_mib:>15s} '
           f'{r["peak_host_rss_bytes"] / 2**20:17.0f}')
 
 

@@ -5,14 +5,14 @@ every step. glibc maps blocks that large with mmap and unmaps them on free, so e
 page-faults all of it again, 4 KiB at a time (211k faults per CIFAR-stem train step). With the
 tunable glibc.malloc.hugetlb=1, malloc advises transparent huge pages (THP) for what it maps: a
 fault then maps 2 MiB. Measured on the development machine (2 cores of an AMD EPYC, family 26,
-kernel 6.18, THP in madvise mode), the normjax fp32 CIFAR-stem train step went from 119 to 172
-img/s and the 224 px full train step from 13 to 38 img/s (`benchmarks/compare.py`'s docstring).
+kernel 6.18, THP in madvise mode), the normjax fp32 CIFAR-stem train step alone ran at 160-179
+img/s, against 102-119 untuned (`benchmarks/compare.py`'s docstring).
 Tunables are read once, when the process starts, so an entry point re-executes itself with
 GLIBC_TUNABLES set before it does anything else.
 
 The mallopt tuning normjax used before (one arena, no mmap, no trim) removed the faults but, on
-this machine, made XLA's threads contend for the one arena's lock (9k voluntary context switches
-per step against 0.6k): the CIFAR-stem step ran at 83-100 img/s. It is gone.
+this machine, made XLA's threads contend for the one arena's lock (9-11k voluntary context
+switches per step against 0.6k): 63-100 img/s on the same step, 13.1 against 38.1 img/s at 224 px.
 """
 import os
 import pathlib
