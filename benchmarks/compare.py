@@ -109,6 +109,13 @@ move with the split beyond the run-to-run spread (best ratios 1.28 / 0.59 / 0.68
 normjax step varies from process to process by up to 1.3x (CIFAR stem, back-to-back windows:
 142-149 in one process, 178-190 in the next, identical settings), more than between settings, so
 one table's ratios carry that uncertainty; README gives the tables of separate runs.
+Where the time goes now (2026-11-25, CIFAR-stem fp32 train step, huge pages, one jax.profiler
+trace of 5 steps; thunk time 494 ms/step over both threads, classes from the HLO op_name):
+depthwise backward 30.5% (the kernel gradient's chunk loop alone 28%: per step 1,386 YNNPACK
+reduces and 1,280 pad/slice fusions, small enough that per-thunk overhead counts), 1x1 GEMMs
+21.7% (backward 14.3), BatchNorm backward 12.8%, depthwise forward 8.6%, ReLU6 backward selects
+and residual adds 8.2%, BatchNorm statistics 4.7% and apply + ReLU6 4.0%, optimizer and
+parameter copies 4.5%, the stem conv 0.8%.
 Max pooling (normjax/models/pooling.py): flax's max_pool differentiates through XLA's
 select-and-scatter, a scatter with generated indices on CPU; an elementwise custom VJP takes the
 LightCNN train step from 8.8k to 14.7-14.9k img/s (separate processes, twice each).
