@@ -122,8 +122,9 @@ LightCNN train step from 8.8k to 14.7-14.9k img/s (separate processes, twice eac
 Tried on the 2026-11-25 machine, not faster (CIFAR stem fp32, hugetlb=1, separate processes):
 xla_cpu_prefer_vector_width=512 (152 vs 179 img/s), the concurrency-optimized scheduler (139),
 YNNPACK ELTWISE fusions (52-91), YNNPACK DOT fusion (145); the depthwise kernel gradient's chunk
-at 8, 32 or 1024 MiB instead of 2 MiB (145-157 vs 168-173), or its 9 taps as one stacked reduce
-(139-142 vs 139-183).
+at 8, 32 or 1024 MiB instead of 2 MiB (145-157 vs 168-173), its 9 taps as one stacked reduce
+(139-142 vs 139-183), or each tap's product over the valid region of the unpadded chunk, without
+the per-chunk pad (136-159 vs 179-180).
 """
 import argparse
 import functools
