@@ -87,5 +87,7 @@ def test_tunables_only_where_the_kernel_madvises_huge_pages(tmp_path):
     assert cpu_malloc.tunables_to_set(cpu, mode=mode) is None
   assert cpu_malloc.tunables_to_set({**cpu, 'GLIBC_TUNABLES': 'glibc.malloc.tcache_count=0'},
                                     mode='madvise') == f'glibc.malloc.tcache_count=0:{cpu_malloc.TUNABLE}'
+  assert cpu_malloc.tunables_to_set({'JAX_PLATFORMS': 'tpu'}, mode='madvise') is None
+  assert cpu_malloc.tunables_to_set({**cpu, cpu_malloc.OPT_OUT: '0'}, mode='madvise') is None
   assert cpu_malloc.huge_pages_on({'GLIBC_TUNABLES': f'glibc.malloc.tcache_count=0:{cpu_malloc.TUNABLE}'})
   assert not cpu_malloc.huge_pages_on({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'})
