@@ -194,14 +194,18 @@ def _inputs(row: str, config, rng: np.random.Generator) -> tuple[np.ndarray, np.
   return rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8), labels
 
 
+def _statistics(row: str, images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """The per-channel mean and std that both frameworks normalize the row's images with."""
+  return (MEAN, STD) if row == 'cached' or images.shape[-1] == 3 else ((0.0,), (1.0,))
+
+
 def _normjax_step(row: str, dtype: str, images: np.ndarray, labels: np.ndarray) -> Callable[[], Any]:
   """One call runs one normjax step of `row` (the training loop's own jitted programs)."""
   config = _config(row)
   config.model.dtype = dtype
   size = config.data.image_size
-  channels = images.shape[-1] if row != 'cached' else 3
-  mean, std = (MEAN, STD) if channels == 3 else ((0.0,), (1.0,))
-  programs = steps.build_programs(config, NUM_CLASSES, (size, size, channels), mean, std,
+  mean, std = _statistics(row, images)
+  programs = steps.build_programs(config, NUM_CLASSES, (size, size, len(mean)), mean, std,
                                   STEPS_PER_EPOCH, parallel.make_mesh())
   if row == 'cached' and not features.enabled(config):
     raise RuntimeError('the cached row needs a config whose frozen prefix is cacheable')
@@ -246,7 +250,9 @@ class _TorchProcess:
   def __init__(self, row: str, config, images: np.ndarray, labels: np.ndarray, tmp: str):
     with open(os.path.join(tmp, 'config.json'), 'w') as f:
       f.write(config.to_json())
-    np.savez(os.path.join(tmp, 'inputs.npz'), images=images, labels=labels)
+    mean, std = _statistics(row, images)
+    np.savez(os.path.join(tmp, 'inputs.npz'), images=images, labels=labels, mean=mean, std=std,
+             num_classes=NUM_CLASSES)
     self._proc = subprocess.Popen(
         [sys.executable, os.path.join(_ROOT, 'benchmarks', 'compare_torch.py'), f'--row={row}',
          f'--config={tmp}/config.json', f'--inputs={tmp}/inputs.npz'],

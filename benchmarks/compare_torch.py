@@ -31,22 +31,19 @@ from torch import nn  # noqa: E402
 from torch_reference import MobileNetV2 as TorchMobileNetV2  # noqa: E402
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
-# compare.py's batch statistics and class count (any fixed values time the same).
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-NUM_CLASSES = 10
 SETTINGS = {'torch fp32': False, 'torch bf16': True}  # name -> bf16 autocast
 
 
 class TorchLightCNN(nn.Module):
   """normjax.models.lightcnn.LightCNN with its linear head (study.md section 4)."""
 
-  def __init__(self):
+  def __init__(self, num_classes: int):
     super().__init__()
     self.features = nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
-    self.classifier = nn.Linear(32, NUM_CLASSES)
+    self.classifier = nn.Linear(32, num_classes)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.classifier(self.features(x).mean((2, 3)))
@@ -67,7 +64,7 @@ class TorchFRN(nn.Module):
     return torch.maximum(self.scale * x * torch.rsqrt(nu2 + self.eps) + self.bias, self.tau)
 
 
-def _preprocess(images: torch.Tensor, config) -> torch.Tensor:
+def _preprocess(images: torch.Tensor, config, batch) -> torch.Tensor:
   """normjax.data.augment.train_preprocess in torch: crop + flip, resize, normalize (NCHW)."""
   x = images.permute(0, 3, 1, 2).float()
   if config.data.augment:
@@ -82,32 +79,37 @@ def _preprocess(images: torch.Tensor, config) -> torch.Tensor:
     x = nn.functional.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
   x = x / 255.0
   if config.data.normalize:
-    x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    mean, std = (torch.tensor(batch[k], dtype=torch.float32)[:, None, None] for k in ('mean', 'std'))
+    x = (x - mean) / std
   return x.contiguous(memory_format=torch.channels_last)
 
 
-def _step(row: str, config: ml_collections.ConfigDict, bf16: bool, images: np.ndarray,
-          labels: np.ndarray) -> Callable[[], torch.Tensor]:
-  """One call runs one torch step of `row`, channels_last, bf16 under CPU autocast if asked."""
+def _step(row: str, config: ml_collections.ConfigDict, bf16: bool,
+          batch) -> Callable[[], torch.Tensor]:
+  """One call runs one torch step of `row`, channels_last, bf16 under CPU autocast if asked.
+
+  `batch`: compare.py's inputs.npz (images, labels, and the mean, std and class count they use).
+  """
+  num_classes = int(batch['num_classes'])
   torch.manual_seed(0)
   autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
-  x_np = torch.from_numpy(images)
-  y = torch.from_numpy(labels).long()
+  x_np = torch.from_numpy(batch['images'])
+  y = torch.from_numpy(batch['labels']).long()
   loss_fn = nn.functional.cross_entropy
   if row == 'lightcnn':
-    model: nn.Module = TorchLightCNN()
+    model: nn.Module = TorchLightCNN(num_classes)
     params = [{'params': model.parameters(), 'lr': config.optim.lr}]
   elif row in ('study', 'cached'):
-    net = TorchMobileNetV2(NUM_CLASSES)
+    net = TorchMobileNetV2(num_classes)
     head = nn.Sequential(nn.Linear(1280, config.model.head_hidden), TorchFRN(config.model.head_hidden),
                          nn.ReLU(), nn.Dropout(config.model.dropout),
-                         nn.Linear(config.model.head_hidden, NUM_CLASSES))
+                         nn.Linear(config.model.head_hidden, num_classes))
     prefix, last = net.features[:18].eval().requires_grad_(False), net.features[18]
     model = nn.ModuleDict({'prefix': prefix, 'last': last, 'head': head})
     params = [{'params': head.parameters(), 'lr': config.optim.lr},
               {'params': last.parameters(), 'lr': config.optim.backbone_lr}]
   else:
-    model = TorchMobileNetV2(NUM_CLASSES, config.model.width_mult, config.model.cifar_stem)
+    model = TorchMobileNetV2(num_classes, config.model.width_mult, config.model.cifar_stem)
     params = [{'params': model.parameters(), 'lr': config.optim.lr}]
   model = model.to(memory_format=torch.channels_last)
   if config.optim.name == 'sgd':
@@ -128,7 +130,7 @@ def _step(row: str, config: ml_collections.ConfigDict, bf16: bool, images: np.nd
 
     def evaluate():
       with torch.inference_mode(), autocast():
-        logits = forward(_preprocess(x_np, config)).float()
+        logits = forward(_preprocess(x_np, config, batch)).float()
         loss = loss_fn(logits, y, reduction='none')
         return loss + (logits.argmax(-1) == y).float()
 
@@ -144,7 +146,7 @@ def _step(row: str, config: ml_collections.ConfigDict, bf16: bool, images: np.nd
   def train():
     opt.zero_grad(set_to_none=True)
     with autocast():
-      x = cached if row == 'cached' else _preprocess(x_np, config)
+      x = cached if row == 'cached' else _preprocess(x_np, config, batch)
       loss = loss_fn(forward(x).float(), y)
     loss.backward()
     opt.step()
@@ -172,8 +174,8 @@ def main() -> int:
   torch.set_num_threads(os.cpu_count())
   with open(args.config) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  batch = np.load(args.inputs)
-  runners = {name: _step(args.row, config, bf16, batch['images'], batch['labels'])
+  batch = dict(np.load(args.inputs))
+  runners = {name: _step(args.row, config, bf16, batch)
              for name, bf16 in SETTINGS.items()}
   one_step = {}
   for name, step in runners.items():
