@@ -10,9 +10,12 @@ Rows (the shapes the study and its extensions train):
   study      the frozen-prefix study step, online (configs/frn_noclip.py, batch 64): blocks 0-17 in
              eval mode without gradient, features.18 + the FRN MLP head trained with Adam
   cached     the study's cached head phase: features.18 + head on precomputed 7x7x320 inputs
-Columns: normjax fp32 and bf16 (config.model.dtype), torch fp32 and bf16 (autocast), torch
-channels_last on all cores; img/s is the median of --windows timed windows, and the ratios are
-normjax's over the best torch setting of the row. normjax runs in this process, torch in
+Columns: normjax fp32 and bf16 (config.model.dtype), normjax bf16 GEMM (float32 activations,
+config.model.gemm_dtype = bfloat16: MobileNetV2's 1x1-conv GEMMs take bf16 operands, float32
+accumulation; on the LightCNN row, which has none, it is fp32 again), torch fp32 and bf16
+(autocast), torch channels_last on all cores; img/s is the median of --windows timed windows, and
+the ratios are normjax fp32's and normjax's best setting's over the best torch setting of the row.
+normjax runs in this process, torch in
 benchmarks/compare_torch.py's, started per row with the same environment (malloc tunables
 included). Every timed window of every setting of a row alternates with the others', never
 overlapping, so load from other processes hits all of them alike.
@@ -66,12 +69,14 @@ cifar 67.7 vs 82.4 img/s), so ratios from separate runs do not show a 1.1x chang
 shifted variance (sums of x - s and (x - s)^2, s = x[0, 0, 0, :]) is no faster than this two-pass
 (1.15x vs 1.15x of the old step in one process): as one two-output reduce, XLA's own emitter
 makes the statistics 4.5x slower; as two YNNPACK reduces, it reads x twice, like two-pass.
-bf16 (config.model.dtype) is slower than fp32 here: in the CIFAR-stem step ~20% of the thunk time
-is standalone bf16 <-> f32 converts between fusions (XLA CPU computes elementwise ops in f32), and
-the bf16 GEMMs are no faster than fp32's (1x1 conv fwd 375 vs 191 ms/step, separate traces):
-XLA converts both bf16 operands to f32 copies and runs an f32 GEMM. Asking for an f32 result
-(`preferred_element_type`) keeps the operands bf16 and makes a bare GEMM 1.2x faster, but the
-bf16 steps slower (cifar train 0.84x, eval224 0.93x, one process), so PointwiseConv does not.
+bf16 GEMMs (2026-11-25, second session): XLA CPU hands a bf16 dot to YNNPACK's bf16 GEMM only
+when it asks for a float32 result and is canonical (the lhs contracts its last dimension, the
+rhs its first); every other bf16 dot, a bf16-result dot and autodiff's two gradient dots among
+them, gets float32 copies of its operands. Until then the bf16 step ran its GEMMs in float32 on
+converted copies, and standalone bf16 <-> f32 converts were ~20% of its thunk time, so it was
+slower than fp32. normjax/models/matmul.py writes all three GEMMs of a 1x1 conv in the bf16
+kernel's form (benchmarks/matmul_bf16.py times them). Asking for an f32 result in the forward
+alone, as tried earlier, made the steps slower (cifar train 0.84x, eval224 0.93x).
 XLA flags tried as compile
 options on the same step in one process, none faster than the defaults: xla_cpu_enable_fast_math
 (0.96x, full224), xla_cpu_experimental_ynn_fusion_type without REDUCE (0.8x: XLA's own
@@ -116,6 +121,16 @@ reduces and 1,280 pad/slice fusions, small enough that per-thunk overhead counts
 21.7% (backward 14.3), BatchNorm backward 12.8%, depthwise forward 8.6%, ReLU6 backward selects
 and residual adds 8.2%, BatchNorm statistics 4.7% and apply + ReLU6 4.0%, optimizer and
 parameter copies 4.5%, the stem conv 0.8%.
+Each timed window starts cold for normjax (2026-11-25, CIFAR stem fp32, one process, one step
+timed at a time): back to back, or after a 0.01-0.2 s pause, a step takes 0.54-0.60 s of user and
+0.03-0.09 s of system CPU time (185-194 img/s); after a 1 s pause, the same 0.6 s of user time
+but 0.45-0.49 s of system time (103-109 img/s), with no more page faults than usual. So the
+first step of each window (which follows ~2 s of the other settings' windows) runs at about half
+speed, and normjax's figures here read ~10% below its steady training rate. The likely cause,
+not verified, is this VM's virtio-balloon free page reporting: the per-step temp buffer that
+glibc unmaps is handed back to the host when idle, and faulting it in again costs the host's
+work. A training loop runs its steps back to back and does not pay it; compare.py keeps the
+windows as they are, for both frameworks.
 Max pooling (normjax/models/pooling.py): flax's max_pool differentiates through XLA's
 select-and-scatter, a scatter with generated indices on CPU; an elementwise custom VJP takes the
 LightCNN train step from 8.8k to 14.7-14.9k img/s (separate processes, twice each).
@@ -199,10 +214,12 @@ def _statistics(row: str, images: np.ndarray) -> tuple[tuple[float, ...], tuple[
   return (MEAN, STD) if row == 'cached' or images.shape[-1] == 3 else ((0.0,), (1.0,))
 
 
-def _normjax_step(row: str, dtype: str, images: np.ndarray, labels: np.ndarray) -> Callable[[], Any]:
+def _normjax_step(row: str, setting: str, images: np.ndarray, labels: np.ndarray) -> Callable[[], Any]:
   """One call runs one normjax step of `row` (the training loop's own jitted programs)."""
   config = _config(row)
-  config.model.dtype = dtype
+  config.model.dtype, config.model.gemm_dtype = NORMJAX_SETTINGS[setting]
+  if config.model.name != 'mobilenet_v2':
+    config.model.gemm_dtype = 'compute'  # the LightCNN row has no 1x1 conv
   size = config.data.image_size
   mean, std = _statistics(row, images)
   programs = steps.build_programs(config, NUM_CLASSES, (size, size, len(mean)), mean, std,
@@ -241,7 +258,10 @@ ROWS = {
     'study': 'study step online (features.18 + head), 224 px, batch 64',
     'cached': 'cached head phase (features.18 + head), 7x7x320, batch 64',
 }
-SETTINGS = ('normjax fp32', 'normjax bf16', 'torch fp32', 'torch bf16')
+# normjax setting -> (config.model.dtype, config.model.gemm_dtype).
+NORMJAX_SETTINGS = {'normjax fp32': ('float32', 'compute'), 'normjax bf16': ('bfloat16', 'compute'),
+                    'normjax bf16 GEMM': ('float32', 'bfloat16')}
+SETTINGS = (*NORMJAX_SETTINGS, 'torch fp32', 'torch bf16')
 
 
 class _TorchProcess:
@@ -278,8 +298,7 @@ def _measure(row: str, windows: int, window_s: float) -> tuple[dict[str, float],
   rng = np.random.default_rng(0)
   config = _config(row)
   images, labels = _inputs(row, config, rng)
-  normjax = {'normjax fp32': _normjax_step(row, 'float32', images, labels),
-             'normjax bf16': _normjax_step(row, 'bfloat16', images, labels)}
+  normjax = {name: _normjax_step(row, name, images, labels) for name in NORMJAX_SETTINGS}
   seconds = {}  # setting -> seconds of one step, after warm-up
   for name, step in normjax.items():
     _window(step, 2)  # compilation and first-call allocation
@@ -316,15 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         f'channels_last on {os.cpu_count()} cores in its own; img/s = median of {args.windows} '
         f'alternating windows of ~{args.window_s:g} s; ratio = normjax / best torch; glibc malloc '
         f'huge pages: {_HUGE_PAGES}', flush=True)
-  header = ['row', *SETTINGS, 'fp32 ratio', 'bf16 ratio', 'best ratio']
+  header = ['row', *SETTINGS, 'fp32 ratio', 'best ratio']
   print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header), flush=True)
   for row in rows:
     med, torch_version = _measure(row, args.windows, args.window_s)
     best_torch = max(med['torch fp32'], med['torch bf16'])
-    best_nj = max(med['normjax fp32'], med['normjax bf16'])
+    best_nj = max(med[name] for name in NORMJAX_SETTINGS)
     cells = [ROWS[row], *(f'{med[s]:.1f}' for s in SETTINGS),
-             f'{med["normjax fp32"] / best_torch:.2f}', f'{med["normjax bf16"] / best_torch:.2f}',
-             f'{best_nj / best_torch:.2f}']
+             f'{med["normjax fp32"] / best_torch:.2f}', f'{best_nj / best_torch:.2f}']
     print('| ' + ' | '.join(cells) + ' |', flush=True)
   print(f'torch {torch_version}')
   return 0

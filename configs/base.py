@@ -56,6 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.head_init = 'torch'  # torch: nn.Linear's init, as the study's heads had | flax | zeros
   config.model.pretrained = 'torchvision_v1'  # none | torchvision_v1 | torchvision_v2 | <path>
   config.model.dtype = 'float32'   # float32 | bfloat16 (compute dtype; params stay float32)
+  # compute: GEMMs in model.dtype | bfloat16: MobileNetV2's 1x1-conv GEMMs (forward and both
+  # gradients) take bf16 operands and accumulate in float32, torch CPU autocast's rule for a
+  # linear layer, while activations stay in model.dtype (normjax/models/matmul.py).
+  config.model.gemm_dtype = 'compute'
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = 'adam'       # adam (torch: weight_decay is coupled L2) | adamw | sgd

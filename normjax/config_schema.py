@@ -98,6 +98,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     'model.head_init': _choice(*registry.HEAD_INITS),
     'model.pretrained': _pretrained(),
     'model.dtype': _choice('float32', 'bfloat16'),
+    'model.gemm_dtype': _choice('compute', 'bfloat16'),
     'optim.name': _choice(*registry.OPTIMIZERS),
     'optim.lr': _positive_float(),
     'optim.backbone_lr': _non_negative_float(),
@@ -135,6 +136,7 @@ ADDED_FIELDS: dict[str, Any] = {
     'model.frn_dense': 'features',       # FRN on (N, C) always averaged over the features
     'model.conv_layers': '32x3,64x3',    # tunable_cnn's fields; no other model reads them
     'model.dense_layers': '128',
+    'model.gemm_dtype': 'compute',       # GEMMs always ran in model.dtype
     'train.feature_cache': '',
     'train.max_skipped_fraction': 0.1,
 }

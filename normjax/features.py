@@ -138,6 +138,8 @@ def cache_key(config: ml_collections.ConfigDict, weights_sha256: str) -> dict[st
   # so existing caches keep their digest.
   if not d.normalize:
     key['data']['normalize'] = False
+  if m.gemm_dtype != 'compute':
+    key['model']['gemm_dtype'] = m.gemm_dtype
   return key
 
 

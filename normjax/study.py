@@ -46,6 +46,7 @@ STUDY_RECIPE = {
     'model.dropout': 0.5,
     'model.frn_dense': 'features',   # the study's FRN averaged nu2 over the head's features
     'model.dtype': 'float32',
+    'model.gemm_dtype': 'compute',   # float32 GEMMs
     'optim.name': 'adam',
     'optim.lr': 1e-3,                # head LR
     'optim.backbone_lr': 1e-5,       # features.18 LR

@@ -43,7 +43,8 @@ BACKBONES: dict[str, BackboneBuilder] = {
     'lightcnn': lambda m, trainable, dtype: LightCNN(trainable_blocks=trainable, dtype=dtype),
     'mobilenet_v2': lambda m, trainable, dtype: MobileNetV2Features(
         norm=_backbone_norm_factory(m, dtype), width_mult=m.width_mult, cifar_stem=m.cifar_stem,
-        trainable_blocks=trainable, frozen_bn=m.frozen_bn, dtype=dtype),
+        trainable_blocks=trainable, frozen_bn=m.frozen_bn, dtype=dtype,
+        gemm_dtype=DTYPES.get(m.gemm_dtype)),
     'nf_mobilenet_v2': lambda m, trainable, dtype: NFMobileNetV2Features(
         width_mult=m.width_mult, cifar_stem=m.cifar_stem, trainable_blocks=trainable, dtype=dtype),
     **{name: _seed_cnn(name) for name in seed_cnns.MODELS},
@@ -58,6 +59,9 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> Classif
   dtype = DTYPES[m.dtype]
   if m.name not in BACKBONES:
     raise ValueError(f'config.model.name = {m.name!r}; allowed: {", ".join(BACKBONES)}')
+  if m.gemm_dtype != 'compute' and m.name != 'mobilenet_v2':
+    raise ConfigError(f'config.model.gemm_dtype = {m.gemm_dtype!r} applies to the 1x1 convs of '
+                      f'model.name = mobilenet_v2 only, not {m.name!r}; use gemm_dtype = compute')
   backbone = BACKBONES[m.name](m, config.optim.trainable_blocks, dtype)
   if m.head == 'mlp':
     if m.head_init == 'zeros':

@@ -18,6 +18,7 @@ from normjax.errors import ConfigError
 from normjax.models import common
 from normjax.models.classifier import Classifier
 from normjax.models.depthwise import DepthwiseConv
+from normjax.models.matmul import matmul
 from normjax.models.heads import LinearHead, NormFactory
 from normjax.models.norms import ModuleDef, make_norm
 
@@ -88,17 +89,23 @@ class PointwiseConv(nn.Module):
   """A bias-free 1x1 conv as a (N*H*W, I) x (I, O) matmul; 'kernel' (1, 1, I, O) as in flax Conv.
 
   On CPU XLA runs the matmul and both its gradients as GEMMs, while a 1x1
-  convolution's gradients go through slower generic convolution code.
+  convolution's gradients go through slower generic convolution code. gemm_dtype=bfloat16 gives
+  the three GEMMs bf16 operands with float32 accumulation (normjax/models/matmul.py), whatever
+  the activations' dtype.
   """
   features: int
   dtype: Any = jnp.float32
+  gemm_dtype: Any = None
   kernel_init: Callable[..., jnp.ndarray] = conv_init
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = x.reshape(-1, x.shape[-1]) @ kernel[0, 0]
+    gemm = self.gemm_dtype
+    if gemm is None and jnp.dtype(self.dtype) != jnp.float32:
+      gemm = self.dtype  # a 16-bit compute dtype: its GEMMs, forward and backward, reach the bf16 kernel
+    y = matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0], gemm)
     return y.reshape(*x.shape[:-1], self.features)
 
 
@@ -110,12 +117,13 @@ class ConvNormAct(nn.Module):
   strides: int = 1
   depthwise: bool = False
   dtype: Any = jnp.float32
+  gemm_dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     pad = (self.kernel_size - 1) // 2  # torchvision: padding = (kernel_size - 1) // 2
     if self.kernel_size == 1 and self.strides == 1:
-      x = PointwiseConv(self.features, dtype=self.dtype, name='0')(x)
+      x = PointwiseConv(self.features, dtype=self.dtype, gemm_dtype=self.gemm_dtype, name='0')(x)
     elif self.depthwise:
       x = DepthwiseConv(self.features, self.kernel_size, self.strides, pad, dtype=self.dtype,
                         kernel_init=conv_init, name='0')(x)
@@ -132,6 +140,7 @@ class InvertedResidual(nn.Module):
   spec: BlockSpec
   norm: ModuleDef
   dtype: Any = jnp.float32
+  gemm_dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -139,11 +148,13 @@ class InvertedResidual(nn.Module):
     hidden = int(round(s.in_channels * s.expand_ratio))  # torchvision: hidden_dim
     y, m = x, 0
     if s.expand_ratio != 1:
-      y = ConvNormAct(hidden, 1, self.norm, dtype=self.dtype, name='conv_0')(y)
+      y = ConvNormAct(hidden, 1, self.norm, dtype=self.dtype, gemm_dtype=self.gemm_dtype,
+                      name='conv_0')(y)
       m = 1
     y = ConvNormAct(hidden, 3, self.norm, strides=s.stride, depthwise=True, dtype=self.dtype,
                     name=f'conv_{m}')(y)
-    y = PointwiseConv(s.out_channels, dtype=self.dtype, name=f'conv_{m + 1}')(y)
+    y = PointwiseConv(s.out_channels, dtype=self.dtype, gemm_dtype=self.gemm_dtype,
+                      name=f'conv_{m + 1}')(y)
     y = self.norm(name=f'conv_{m + 2}')(y)
     if has_residual(s):
       y = x + y
@@ -175,6 +186,7 @@ class MobileNetV2Features(nn.Module):
   trainable_blocks: int = -1
   frozen_bn: str = 'eval'
   dtype: Any = jnp.float32
+  gemm_dtype: Any = None  # the 1x1 convs' GEMM operands; None: dtype (PointwiseConv)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool, start: int = 0,
@@ -188,11 +200,11 @@ class MobileNetV2Features(nn.Module):
     blocks = [ConvNormAct(make_divisible(STEM_CHANNELS * self.width_mult), 3, norm(0),
                           strides=stem_stride(self.cifar_stem), dtype=self.dtype,
                           name=common.block_name(0))]
-    blocks += [InvertedResidual(spec, norm(spec.index), dtype=self.dtype,
+    blocks += [InvertedResidual(spec, norm(spec.index), dtype=self.dtype, gemm_dtype=self.gemm_dtype,
                                 name=common.block_name(spec.index))
                for spec in block_specs(self.width_mult, self.cifar_stem)]
     blocks.append(ConvNormAct(last_channels(self.width_mult), 1, norm(last), dtype=self.dtype,
-                              name=common.block_name(last)))
+                              gemm_dtype=self.gemm_dtype, name=common.block_name(last)))
     for i in range(start, stop):
       x = blocks[i](x)
       if i == first - 1:
