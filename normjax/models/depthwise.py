@@ -7,7 +7,10 @@ strided slices of the padded input, which XLA fuses into one elementwise loop.
 Its custom VJP keeps that shape: the input gradient is the same tap sum over the
 stride-dilated output gradient with the flipped kernel, and the kernel gradient
 is k*k reductions; autodiff of the slices would instead materialize every tap.
-On accelerators the native grouped convolution is used.
+Faster still on CPU are normjax's C++ kernels (normjax/csrc/depthwise.cc), one pass over the
+inputs for each of the forward, input gradient and kernel gradient; `depthwise_conv2d` uses them
+wherever normjax.native can build them, and the tap sums otherwise. On accelerators the grouped
+convolution is used.
 """
 import functools
 from typing import Any, Callable
@@ -15,7 +18,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from normjax import native
 
 
 def depthwise_conv2d_xla(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int,
@@ -137,18 +143,65 @@ def depthwise_conv2d_taps(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int,
 
   Same arguments as `depthwise_conv2d_xla`.
   """
+  _check_shapes(x, kernel)
+  return _depthwise_taps(x, kernel, stride, padding)
+
+
+def _ffi(target: str, shape: tuple[int, ...], a: jnp.ndarray, b: jnp.ndarray, stride: int,
+         padding: int) -> jnp.ndarray:
+  # vmap (the loss landscape batches parameters) runs the kernel once per batch element.
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method='sequential')(
+      a, b, stride=np.int64(stride), padding=np.int64(padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_native(x, kernel, stride, padding):
+  return _ffi('normjax_depthwise_forward', (x.shape[0], *_out_hw(x, kernel, stride, padding), x.shape[3]),
+              x, kernel, stride, padding)
+
+
+def _depthwise_native_fwd(x, kernel, stride, padding):
+  return _depthwise_native(x, kernel, stride, padding), (x, kernel)
+
+
+def _depthwise_native_bwd(stride, padding, residuals, dy):
+  x, kernel = residuals
+  return (_ffi('normjax_depthwise_input_grad', x.shape, dy, kernel, stride, padding),
+          _ffi('normjax_depthwise_kernel_grad', kernel.shape, x, dy, stride, padding))
+
+
+_depthwise_native.defvjp(_depthwise_native_fwd, _depthwise_native_bwd)
+
+
+def _check_shapes(x: jnp.ndarray, kernel: jnp.ndarray) -> None:
   if x.shape[-1] != kernel.shape[-1] or kernel.shape[2] != 1:
     raise ValueError(f'depthwise_conv2d: input {x.shape} needs kernel (kh, kw, 1, {x.shape[-1]}), '
                      f'got {kernel.shape}')
-  return _depthwise_taps(x, kernel, stride, padding)
+
+
+def depthwise_conv2d_native(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int,
+                            padding: int) -> jnp.ndarray:
+  """Depthwise conv by normjax's C++ CPU kernels (custom VJP; reverse-mode autodiff only).
+
+  Same arguments as `depthwise_conv2d_xla`. They compute in float32 (bfloat16 operands are
+  widened, the result rounded once, as the tap sums do). Raises RuntimeError where normjax.native
+  cannot build them.
+  """
+  _check_shapes(x, kernel)
+  if not native.load():
+    raise RuntimeError('normjax\'s C++ CPU kernels are not available (see the log for why)')
+  y = _depthwise_native(x.astype(jnp.float32), kernel.astype(jnp.float32), stride, padding)
+  return y.astype(jnp.result_type(x.dtype, kernel.dtype))
 
 
 def depthwise_conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int,
                      padding: int) -> jnp.ndarray:
-  """Depthwise conv: shifted multiply-adds on CPU, the grouped XLA conv elsewhere."""
-  if jax.default_backend() == 'cpu':
-    return depthwise_conv2d_taps(x, kernel, stride=stride, padding=padding)
-  return depthwise_conv2d_xla(x, kernel, stride=stride, padding=padding)
+  """Depthwise conv: C++ kernels (else tap sums) on CPU, the grouped XLA conv elsewhere."""
+  if jax.default_backend() != 'cpu':
+    return depthwise_conv2d_xla(x, kernel, stride=stride, padding=padding)
+  if native.load():
+    return depthwise_conv2d_native(x, kernel, stride=stride, padding=padding)
+  return depthwise_conv2d_taps(x, kernel, stride=stride, padding=padding)
 
 
 class DepthwiseConv(nn.Module):
