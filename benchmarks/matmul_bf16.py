@@ -14,9 +14,7 @@ time over the setting's.
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Any, Callable
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,21 +30,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from normjax.models.matmul import matmul  # noqa: E402
+from timing import median_ms  # noqa: E402
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 # (H*W, in channels, out channels) of MobileNetV2 1x1 convs.
 SHAPES = ((32 * 32, 96, 16), (32 * 32, 24, 144), (32 * 32, 144, 24), (16 * 16, 192, 32),
           (8 * 8, 384, 64), (8 * 8, 576, 96), (7 * 7, 320, 1280))
-
-
-def _time(fn: Callable[..., Any], *args: Any, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
 
 
 def _vjp_program(multiply: Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray], dtype: Any):
@@ -80,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     m = args.batch * pixels
     keys = jax.random.split(jax.random.key(0), 3)
     x, w, dy = (jax.random.normal(key, shape) for key, shape in zip(keys, ((m, k), (k, n), (m, n))))
-    ms = {name: _time(program, x, w, dy, repeats=args.repeats) for name, program in SETTINGS.items()}
+    ms = {name: median_ms(program, x, w, dy, repeats=args.repeats) for name, program in SETTINGS.items()}
     for name in SETTINGS:
       totals[name] += ms[name]
     print(f'| {m} x {k} x {n} | ' + ' | '.join(f'{ms[s]:.2f}' for s in SETTINGS) + ' | ' +

@@ -67,9 +67,11 @@ def init_state(model, tx, image_shape: tuple[int, ...], rng: jax.Array) -> Train
 
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax.Array, *,
-               model, tx, preprocess, skip_nonfinite: bool, start_block: int = 0) -> TrainState:
+               model, tx, preprocess, skip_nonfinite: bool, frozen: Any = None,
+               start_block: int = 0) -> TrainState:
   """One optimizer step; metrics accumulate into state.metrics (no host sync).
 
+  `frozen`: True for each param of the frozen blocks (a pytree like state.params), or None.
   `start_block` > 0: `images` are cached features entering that backbone block.
   """
   step_key = jax.random.fold_in(key, state.step)
@@ -77,6 +79,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, key: jax
   x = preprocess(images, aug_key)
 
   def loss_fn(params):
+    if frozen is not None:
+      # Frozen params as constants: their gradient is zero either way (the backbone cuts it after
+      # the last frozen block), and nothing in those blocks is differentiated, so custom-VJP ops
+      # there run their plain forward (the depthwise conv's, normjax/models/depthwise.py).
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
     logits, updated = model.apply(_variables(params, state.batch_stats), x, train=True,
                                   start_block=start_block, mutable=['batch_stats'],
                                   rngs={'dropout': dropout_key})
@@ -157,8 +164,10 @@ def build_programs(config: ml_collections.ConfigDict, num_classes: int, image_sh
     train_preprocess = functools.partial(augment.train_preprocess, padding=config.data.crop_padding,
                                          augment=config.data.augment, **norm_stats)
     eval_preprocess = functools.partial(augment.eval_preprocess, **norm_stats)
+  frozen = jax.tree.map(lambda label: label == 'frozen',
+                        optim.param_labels(abstract_params, config.optim.trainable_blocks))
   train_fn = functools.partial(train_step, model=model, tx=tx, preprocess=train_preprocess,
-                               skip_nonfinite=config.train.on_nonfinite == 'skip',
+                               skip_nonfinite=config.train.on_nonfinite == 'skip', frozen=frozen,
                                start_block=start_block)
   eval_fn = functools.partial(eval_step, model=model, preprocess=eval_preprocess,
                               start_block=start_block)

@@ -1,4 +1,6 @@
-"""The CPU depthwise formulation equals XLA's grouped conv, forward and backward."""
+"""The CPU tap-sum depthwise formulation equals XLA's grouped conv, forward and backward.
+
+The C++ kernels that CPU runs where they can be built are tested in test_native.py."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,7 +66,7 @@ def test_taps_equal_torch_depthwise_conv(shape, k, stride, padding):
   np.testing.assert_allclose(y, ref.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
-def test_dispatch_uses_taps_exactly_on_cpu():
+def test_dispatch_uses_the_grouped_conv_exactly_off_cpu():
   x, kernel = _inputs((1, 5, 5, 2), 3)
   jaxpr = str(jax.make_jaxpr(lambda x, w: depthwise_conv2d(x, w, stride=2, padding=1))(x, kernel))
   assert ('conv_general_dilated' in jaxpr) == (jax.default_backend() != 'cpu')
