@@ -7,12 +7,13 @@ import numpy as np
 import flax.linen as nn
 import optax
 import pytest
+import torch
 from flax import traverse_util
 
 from normjax.models.classifier import Classifier
 from normjax.models.heads import LinearHead
-from normjax.models.mobilenet_v2 import (InvertedResidual, MobileNetV2Features, PointwiseConv,
-                                         block_specs, conv_init, has_residual, last_channels,
+from normjax.models.mobilenet_v2 import (ConvNormAct, InvertedResidual, MobileNetV2Features, PatchConv,
+                                         PointwiseConv, block_specs, conv_init, has_residual, last_channels,
                                          make_divisible, mobilenet_v2)
 from normjax.models.norms import make_norm
 from normjax.pretrained import torch_key, torch_shape
@@ -83,6 +84,37 @@ def test_pointwise_conv_equals_flax_1x1_conv():
                                 ref.init(jax.random.key(1), x)['params']['kernel'])
   assert params['params']['kernel'].shape == (1, 1, 8, 12)
   np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape,k,stride,padding', [((2, 9, 9, 3), 3, 2, 1), ((2, 8, 7, 3), 3, 1, 1),
+                                                     ((1, 10, 11, 4), 5, 2, 2), ((2, 9, 9, 3), 3, 2, 0)])
+def test_patch_conv_equals_torch_conv_forward_and_gradients(shape, k, stride, padding):
+  x = jax.random.normal(jax.random.key(0), shape)
+  ours = PatchConv(6, k, stride, padding)
+  params = ours.init(jax.random.key(1), x)
+  assert params['params']['kernel'].shape == (k, k, shape[-1], 6)
+  y, pullback = jax.vjp(lambda x, p: ours.apply(p, x), x, params)
+  cotangent = np.asarray(jax.random.normal(jax.random.key(2), y.shape))
+  dx, dparams = pullback(cotangent)
+  xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
+  wt = torch.tensor(np.asarray(params['params']['kernel']).transpose(3, 2, 0, 1), requires_grad=True)
+  yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=padding)
+  yt.backward(torch.tensor(cotangent.transpose(0, 3, 1, 2)))
+  np.testing.assert_allclose(y, yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dparams['params']['kernel'], wt.grad.numpy().transpose(2, 3, 1, 0),
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_stem_conv_is_the_patch_gemm_on_cpu_with_flax_convs_params():
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  ref = nn.Conv(8, (3, 3), 2, padding=((1, 1), (1, 1)), use_bias=False, kernel_init=conv_init)
+  np.testing.assert_array_equal(PatchConv(8, 3, 2, 1).init(jax.random.key(1), x)['params']['kernel'],
+                                ref.init(jax.random.key(1), x)['params']['kernel'])
+  stem = ConvNormAct(8, 3, BN(train=False), strides=2)
+  variables = stem.init(jax.random.key(1), x)
+  jaxpr = str(jax.make_jaxpr(lambda x: stem.apply(variables, x))(x))
+  assert ('conv_general_dilated' in jaxpr) == (jax.default_backend() != 'cpu')
 
 
 @pytest.mark.parametrize('cifar_stem,hw', [(True, 4), (False, 1)])
