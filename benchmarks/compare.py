@@ -121,6 +121,30 @@ reduces and 1,280 pad/slice fusions, small enough that per-thunk overhead counts
 21.7% (backward 14.3), BatchNorm backward 12.8%, depthwise forward 8.6%, ReLU6 backward selects
 and residual adds 8.2%, BatchNorm statistics 4.7% and apply + ReLU6 4.0%, optimizer and
 parameter copies 4.5%, the stem conv 0.8%.
+C++ depthwise kernels (2026-11-25, third session; normjax/csrc/depthwise.cc, built on first use
+by normjax/native.py): the forward, input gradient and kernel gradient each read their inputs
+once and write their output once, vectorized over channels, on XLA's thread pool. Per call
+(benchmarks/depthwise_speed.py, forward + both gradients, the 224 px network's 17 convs, batch
+16) see README. In the train step, A/B in one process (the same step built twice, C++ against
+tap sums, 5-7 alternating windows): full224 bf16 GEMM 1.37x and 1.21x (two processes), cifar
+bf16 GEMM 1.20x. Where no gradient is taken, the C++ forward was slower: eval224 fp32 0.84x,
+the online study step 0.81x. XLA fuses the tap sum with the eval-mode BatchNorm + ReLU6 before
+and after it (and the bf16 convert of the next GEMM's operand), which a custom call cannot
+join, so it costs a write and a read of both activations more. So the kernels' custom VJP has
+the tap sum as its plain forward and the C++ forward only in its differentiated forward (eval224
+1.03x). In the study step the frozen prefix was still differentiated (its params are, though
+their gradient is cut), 0.91x; the train step now holds frozen params constant with
+stop_gradient (normjax/steps.py), so the prefix runs the plain forward: 1.00x.
+The stem conv as a GEMM over its 27-channel input patches (PatchConv in
+normjax/models/mobilenet_v2.py) instead of XLA CPU's convolution, A/B the same way, bf16 GEMM:
+study 1.10x, eval224 1.18x, full224 1.03x, cifar 1.00x (fp32 1.00x). Alone, at batch 64 and
+224 px: forward 59 -> 34 ms, forward + kernel gradient 108 -> 46 ms; with bf16 operands no
+faster (35 / 84 ms). In the study step's profile before it, the stem conv was 17.6% of the
+thunk time.
+Where the time goes after the C++ kernels (full224 bf16 GEMM step, before PatchConv, one
+jax.profiler trace of 5 steps, 285 ms of thunk time per step): 1x1 GEMM backward 23.9%,
+BatchNorm + ReLU6 backward 20.3%, depthwise backward (C++) 12.6%, depthwise forward (C++) 9.9%,
+BatchNorm + ReLU6 forward 9.0%, 1x1 GEMM forward 7.1%, bf16 converts 6.0%, stem conv 6.1%.
 Each timed window starts cold for normjax (2026-11-25, CIFAR stem fp32, one process, one step
 timed at a time): back to back, or after a 0.01-0.2 s pause, a step takes 0.54-0.60 s of user and
 0.03-0.09 s of system CPU time (185-194 img/s); after a 1 s pause, the same 0.6 s of user time
