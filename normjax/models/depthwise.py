@@ -8,9 +8,10 @@ Its custom VJP keeps that shape: the input gradient is the same tap sum over the
 stride-dilated output gradient with the flipped kernel, and the kernel gradient
 is k*k reductions; autodiff of the slices would instead materialize every tap.
 Faster still on CPU are normjax's C++ kernels (normjax/csrc/depthwise.cc), one pass over the
-inputs for each of the forward, input gradient and kernel gradient; `depthwise_conv2d` uses them
-wherever normjax.native can build them, and the tap sums otherwise. On accelerators the grouped
-convolution is used.
+inputs for each of the forward, input gradient and kernel gradient. `depthwise_conv2d` uses them
+wherever normjax.native can build them, under differentiation; a forward without a gradient stays
+the tap sum, which XLA fuses with the ops around it. Without the kernels, CPU runs the tap sums
+and their custom VJP. On accelerators the grouped convolution is used.
 """
 import functools
 from typing import Any, Callable
