@@ -10,7 +10,8 @@ Measured here: final val 80.36%, test 79.46% on cifar10_jpeg (a JPEG re-encoding
 over seeds 0-2 (--config.seed=1, 2): 80.27 ± 0.13%, test 79.39 ± 0.07% (mean ± std)
 (2026-11-24, 2 CPU cores; README "Results", docs/study/report.md, docs/study_seeds/report.md).
 With the default K = 15 (--config.data.name=cifar10_jpeg only, the README's first command): final
-val 80.18%, test 79.18%, 54 min 44 s including the cache (2 idle CPU cores; README "Set up and run").
+val 80.07%, test 79.26% (2026-11-25; 80.18 / 79.18 before the CPU stem conv became a patch GEMM),
+54 min 44 s including the cache (2 idle CPU cores, 2026-11-24; README "Set up and run").
 Quick CPU check of the pipeline (offline, cifar10_jpeg, no weights):
   python -m normjax.main --config=configs/frn_noclip.py:quick --workdir=workdir/quick/frn_noclip
 """
