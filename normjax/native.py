@@ -23,6 +23,7 @@ import jax
 from absl import logging
 
 OPT_OUT = 'NORMJAX_NATIVE'  # '0': XLA's formulations only
+_OFF = "normjax's C++ CPU kernels are off (slower depthwise convolutions on CPU)"
 SOURCES = (pathlib.Path(__file__).parent / 'csrc' / 'depthwise.cc',)
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
 # FFI target name -> the handler symbol in the library.
@@ -85,17 +86,15 @@ def load() -> bool:
     return False
   compiler = os.environ.get('CXX', 'c++')
   if not hasattr(jax, 'ffi') or not hasattr(jax.ffi, 'include_dir'):
-    logging.warning('this jax has no jax.ffi: normjax\'s C++ CPU kernels are off (slower depthwise '
-                    'convolutions on CPU)')
+    logging.warning('this jax has no jax.ffi: %s', _OFF)
     return False
   if shutil.which(compiler) is None:
-    logging.warning('no C++ compiler (%s; set $CXX): normjax\'s C++ CPU kernels are off (slower '
-                    'depthwise convolutions on CPU)', compiler)
+    logging.warning('no C++ compiler (%s; set $CXX): %s', compiler, _OFF)
     return False
   try:
     library = ctypes.cdll.LoadLibrary(str(build(compiler)))
   except (RuntimeError, OSError) as e:
-    logging.warning('%s\nnormjax\'s C++ CPU kernels are off (slower depthwise convolutions on CPU)', e)
+    logging.warning('%s\n%s', e, _OFF)
     return False
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
